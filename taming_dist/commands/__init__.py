@@ -1,0 +1,1 @@
+"""Subcommands of `taming-dist`; see taming_dist/cli.py."""

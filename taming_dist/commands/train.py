@@ -1,0 +1,24 @@
+HELP = "train a VQGAN or a transformer (the engine and stage come from the config)"
+EXAMPLE = ("taming-dist train vqgan-tiny train.steps=100 engine.kind=ddp  "
+           "# under torchrun --nproc_per_node 2, deepspeed, srun or plain python")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("config", help="a preset name (see `taming-dist info`) or a YAML file")
+    parser.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.steps=1000")
+    parser.add_argument("--resume", default="auto",
+                        help="auto (the run's latest checkpoint if any), none, or a checkpoint folder")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def run(args) -> int:
+    from taming_dist.config import dump_config, load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(dump_config(cfg))
+        return 0
+    from taming_dist.train.loop import train
+
+    train(cfg, resume=args.resume)
+    return 0

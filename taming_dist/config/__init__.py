@@ -1,0 +1,24 @@
+from .load import dump_config, from_dict, load_config, preset_names, to_dict
+from .schema import (
+    ConditionConfig,
+    DataConfig,
+    DiscriminatorConfig,
+    EncoderDecoderConfig,
+    EngineConfig,
+    GPTConfig,
+    LoggingConfig,
+    OptimConfig,
+    QuantizerConfig,
+    RunConfig,
+    TrainConfig,
+    TransformerModelConfig,
+    VQLossConfig,
+    VQModelConfig,
+)
+
+__all__ = [
+    "ConditionConfig", "DataConfig", "DiscriminatorConfig", "EncoderDecoderConfig", "EngineConfig",
+    "GPTConfig", "LoggingConfig", "OptimConfig", "QuantizerConfig", "RunConfig", "TrainConfig",
+    "TransformerModelConfig", "VQLossConfig", "VQModelConfig",
+    "dump_config", "from_dict", "load_config", "preset_names", "to_dict",
+]

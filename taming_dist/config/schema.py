@@ -1,0 +1,310 @@
+"""The typed configuration tree.
+
+Every section is a dataclass; `load.py` builds them from YAML and rejects unknown keys.
+Model sections (`EncoderDecoderConfig`, `QuantizerConfig`, `VQModelConfig`, `GPTConfig`,
+`ConditionConfig`, `TransformerModelConfig`) are also what an exported `config.json` holds, so a
+model can be rebuilt with no training code.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+
+
+@dataclass
+class EncoderDecoderConfig:
+    """The original `ddconfig` of taming's Encoder/Decoder (names kept for import)."""
+
+    double_z: bool = False
+    z_channels: int = 256
+    resolution: int = 256
+    in_channels: int = 3
+    out_ch: int = 3
+    ch: int = 128
+    ch_mult: list[int] = field(default_factory=lambda: [1, 1, 2, 2, 4])
+    num_res_blocks: int = 2
+    attn_resolutions: list[int] = field(default_factory=lambda: [16])
+    dropout: float = 0.0
+
+    def validate(self) -> None:
+        if self.resolution % (2 ** (len(self.ch_mult) - 1)):
+            raise ValueError(
+                f"resolution {self.resolution} is not divisible by the downsampling factor "
+                f"2**(len(ch_mult)-1) = {2 ** (len(self.ch_mult) - 1)}; change resolution or ch_mult"
+            )
+        for c in [self.ch * m for m in self.ch_mult] + [self.ch]:
+            if c % 32:
+                raise ValueError(f"channel count {c} (ch x ch_mult) is not divisible by GroupNorm's 32 groups")
+
+
+@dataclass
+class QuantizerConfig:
+    """kind: vq (VectorQuantizer2), ema (EMA codebook), gumbel (GumbelQuantize), l2 (factorised,
+    l2-normalised low-dimensional lookup as in ViT-VQGAN / LlamaGen)."""
+
+    kind: str = "vq"
+    n_embed: int = 1024
+    embed_dim: int = 256
+    beta: float = 0.25
+    legacy: bool = True  # original's beta placement (on the codebook term); see taming-compat.md
+    ema_decay: float = 0.99
+    ema_eps: float = 1e-5
+    codebook_dim: int = 8  # l2 kind only: dimension of the lookup space
+    gumbel_tau: float = 1.0
+    kl_weight: float = 5e-4
+    dead_code_threshold: float = 0.0  # restart codes with EMA usage below this (0 = never)
+
+    def validate(self) -> None:
+        if self.kind not in ("vq", "ema", "gumbel", "l2"):
+            raise ValueError(f"quantizer.kind {self.kind!r} is not one of vq, ema, gumbel, l2")
+
+
+@dataclass
+class VQModelConfig:
+    ddconfig: EncoderDecoderConfig = field(default_factory=EncoderDecoderConfig)
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+
+    def validate(self) -> None:
+        self.ddconfig.validate()
+        self.quantizer.validate()
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.ddconfig.ch_mult) - 1)
+
+
+@dataclass
+class GPTConfig:
+    """minGPT as used by Net2NetTransformer, plus optional cross-attention."""
+
+    vocab_size: int = 1024
+    block_size: int = 256
+    n_layer: int = 12
+    n_head: int = 8
+    n_embd: int = 512
+    embd_pdrop: float = 0.0
+    resid_pdrop: float = 0.0
+    attn_pdrop: float = 0.0
+    n_unmasked: int = 0
+    cross_attention: bool = False  # add a cross-attention sub-block to every block
+    context_dim: int = 0  # width of the conditioning sequence for cross-attention
+
+    def validate(self) -> None:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"gpt.n_embd {self.n_embd} is not divisible by gpt.n_head {self.n_head}")
+        if self.cross_attention and self.context_dim <= 0:
+            raise ValueError("gpt.cross_attention needs gpt.context_dim > 0 (width of the context sequence)")
+
+
+@dataclass
+class ConditionConfig:
+    """kind: none (one SOS token), class (label as a token), tokens (codes of a second VQModel,
+    e.g. depth or segmentation), context (a sequence attended to through cross-attention)."""
+
+    kind: str = "none"
+    sos_token: int = 0
+    n_classes: int = 0
+    class_dropout: float = 0.0  # probability of replacing the label by the null class (for CFG)
+    cond_vqgan: Optional[VQModelConfig] = None  # kind=tokens
+    cond_ckpt: str = ""  # kind=tokens: weights of the conditioning VQModel
+    context_len: int = 0  # kind=context
+
+    def validate(self) -> None:
+        if self.kind not in ("none", "class", "tokens", "context"):
+            raise ValueError(f"condition.kind {self.kind!r} is not one of none, class, tokens, context")
+        if self.kind == "class" and self.n_classes <= 0:
+            raise ValueError("condition.kind=class needs condition.n_classes > 0")
+        if self.kind == "tokens" and self.cond_vqgan is None:
+            raise ValueError("condition.kind=tokens needs condition.cond_vqgan (the conditioning VQModel)")
+
+
+@dataclass
+class TransformerModelConfig:
+    gpt: GPTConfig = field(default_factory=GPTConfig)
+    condition: ConditionConfig = field(default_factory=ConditionConfig)
+    first_stage: VQModelConfig = field(default_factory=VQModelConfig)
+    pkeep: float = 1.0  # fraction of input image tokens kept (rest replaced by random codes)
+
+    def validate(self) -> None:
+        self.gpt.validate()
+        self.condition.validate()
+        self.first_stage.validate()
+        if self.gpt.vocab_size < self.first_stage.quantizer.n_embed:
+            raise ValueError(
+                f"gpt.vocab_size {self.gpt.vocab_size} is smaller than the first stage's "
+                f"n_embed {self.first_stage.quantizer.n_embed}"
+            )
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses
+
+
+@dataclass
+class DiscriminatorConfig:
+    input_nc: int = 3
+    ndf: int = 64
+    n_layers: int = 3
+    # batch (the original; per-rank statistics under data parallelism) | actnorm | none (no
+    # normalisation: per-sample, so identical results at any world size)
+    norm: str = "batch"
+
+    def validate(self) -> None:
+        if self.norm not in ("batch", "actnorm", "none"):
+            raise ValueError(f"discriminator.norm {self.norm!r} is not one of batch, actnorm, none")
+
+
+@dataclass
+class VQLossConfig:
+    """VQLPIPSWithDiscriminator's options."""
+
+    disc_start: int = 0
+    codebook_weight: float = 1.0
+    pixel_weight: float = 1.0
+    perceptual_weight: float = 1.0
+    disc_weight: float = 1.0
+    disc_factor: float = 1.0
+    disc_loss: str = "hinge"  # hinge | vanilla | non_saturating
+    adaptive_weight: bool = True
+    # LPIPS backbone: a local VGG16 file (torchvision's vgg16-397923af.pth); "" looks in
+    # $TORCH_HOME/hub/checkpoints. `random` builds a random backbone (tests only).
+    lpips_vgg_path: str = ""
+    lpips_backbone: str = "pretrained"  # pretrained | random
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+
+    def validate(self) -> None:
+        if self.disc_loss not in ("hinge", "vanilla", "non_saturating"):
+            raise ValueError(f"loss.disc_loss {self.disc_loss!r} is not one of hinge, vanilla, non_saturating")
+        if self.lpips_backbone not in ("pretrained", "random"):
+            raise ValueError(f"loss.lpips_backbone {self.lpips_backbone!r} is not one of pretrained, random")
+        self.discriminator.validate()
+
+
+# ----------------------------------------------------------------------------------------------
+# Data, engine, training
+
+
+@dataclass
+class DataConfig:
+    """kind: synthetic (the built-in dataset, written as shards on first use), shards
+    (webdataset tars, `path` is a folder with a manifest or a brace pattern), codes (stage-2 token
+    shards from `extract-codes`)."""
+
+    kind: str = "synthetic"
+    path: str = ""
+    size: int = 32  # image side after crop/resize
+    random_crop: bool = False
+    hflip: bool = True
+    mode: str = "resampled"  # resampled | epoch
+    shuffle_buffer: int = 1000
+    num_workers: int = 0
+    max_corrupt_fraction: float = 0.01
+    synthetic_samples: int = 4096
+    synthetic_classes: int = 12
+    eval_path: str = ""
+
+    def validate(self) -> None:
+        if self.kind not in ("synthetic", "shards", "codes"):
+            raise ValueError(f"data.kind {self.kind!r} is not one of synthetic, shards, codes")
+        if self.mode not in ("resampled", "epoch"):
+            raise ValueError(f"data.mode {self.mode!r} is not one of resampled, epoch")
+        if self.kind != "synthetic" and not self.path:
+            raise ValueError(f"data.kind={self.kind} needs data.path (a shard folder or pattern)")
+
+
+@dataclass
+class EngineConfig:
+    kind: str = "single"  # single | ddp | fsdp | deepspeed
+    zero_stage: int = 2
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    activation_checkpointing: bool = False
+    compile: bool = False
+    channels_last: bool = False
+
+    def validate(self) -> None:
+        if self.kind not in ("single", "ddp", "fsdp", "deepspeed"):
+            raise ValueError(f"engine.kind {self.kind!r} is not one of single, ddp, fsdp, deepspeed")
+        if self.zero_stage not in (1, 2, 3):
+            raise ValueError(f"engine.zero_stage {self.zero_stage} is not one of 1, 2, 3")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"engine.precision {self.precision!r} is not one of fp32, bf16, fp16")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 4.5e-6
+    scale_lr: bool = False  # multiply lr by global batch size (the original's convention)
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: str = "constant"  # constant | cosine
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 0.0  # global norm; 0 = off
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    global_batch_size: int = 8
+    micro_batch_size: int = 8
+    seed: int = 0
+    log_every: int = 10
+    image_every: int = 500
+    ckpt_every: int = 500
+    keep_last: int = 3
+    eval_every: int = 0
+    ema_decay: float = 0.0  # 0 = no EMA
+    max_bad_steps: int = 5  # halt after this many non-finite steps in a row
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    disc_optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass
+class LoggingConfig:
+    wandb_mode: str = "offline"  # offline | online | disabled
+    project: str = "taming_dist"
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.wandb_mode not in ("offline", "online", "disabled"):
+            raise ValueError(f"logging.wandb_mode {self.wandb_mode!r} is not one of offline, online, disabled")
+
+
+@dataclass
+class RunConfig:
+    """A training run: `stage` picks the task (vqgan or transformer)."""
+
+    stage: str = "vqgan"
+    name: str = "run"
+    out_dir: str = "runs"
+    init_from: str = ""
+    vqgan: VQModelConfig = field(default_factory=VQModelConfig)
+    loss: VQLossConfig = field(default_factory=VQLossConfig)
+    transformer: TransformerModelConfig = field(default_factory=TransformerModelConfig)
+    first_stage_ckpt: str = ""  # stage=transformer: trained VQGAN weights (file or run folder)
+    data: DataConfig = field(default_factory=DataConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self) -> None:
+        if self.stage not in ("vqgan", "transformer"):
+            raise ValueError(f"stage {self.stage!r} is not one of vqgan, transformer")
+        if self.stage == "vqgan":
+            self.vqgan.validate()
+            self.loss.validate()
+        else:
+            self.transformer.validate()
+        self.data.validate()
+        self.engine.validate()
+        self.logging.validate()
+        t = self.train
+        if t.global_batch_size % t.micro_batch_size:
+            raise ValueError(
+                f"train.global_batch_size {t.global_batch_size} is not divisible by "
+                f"train.micro_batch_size {t.micro_batch_size}"
+            )

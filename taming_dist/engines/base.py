@@ -1,0 +1,248 @@
+"""The engine interface: what the loop and tasks may ask of DDP / FSDP2 / DeepSpeed / single.
+
+A *unit* is one optimized module with its optimizer and LR schedule (the VQGAN stage has two: the
+generator and the discriminator). Tasks hold units and call only the methods below; only engine
+code touches wrapper internals (DDP.module, DTensor shards, DeepSpeed's ZeRO partitions).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn as nn
+
+from taming_dist.config import EngineConfig, OptimConfig
+from taming_dist.engines.dist import DistEnv
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Unit:
+    name: str
+    raw: nn.Module  # the module as the model code built it (sharded in place under FSDP2)
+    module: Any  # what forward is called on: DDP wrapper, FSDP module, DeepSpeedEngine, or raw
+    optimizer: Any = None
+    scheduler: Any = None
+    scaler: Any = None
+    ema: dict[str, torch.Tensor] = field(default_factory=dict)  # local shards of EMA weights
+    ema_decay: float = 0.0
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The shard of a DTensor that this rank holds (a view), else the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no decay on biases, norms and embeddings (minGPT's split)."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        low = name.lower()
+        if p.ndim < 2 or "norm" in low or ".ln" in low or low.startswith("ln") or "emb" in low:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(module: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
+    # A plain torch AdamW: DeepSpeed accepts it, and no fused op has to be JIT-compiled on CPU.
+    return torch.optim.AdamW(param_groups(module, cfg.weight_decay), lr=lr, betas=tuple(cfg.betas))
+
+
+class Engine:
+    """Base class; subclasses implement `_wrap`, checkpointing and the gradient-norm details."""
+
+    kind = "base"
+
+    def __init__(self, cfg: EngineConfig, env: DistEnv, device: torch.device):
+        self.cfg = cfg
+        self.env = env
+        self.device = device
+        self.dtype = _DTYPES[cfg.precision]
+        if cfg.precision == "fp16" and device.type != "cuda":
+            raise ValueError(
+                "engine.precision=fp16 needs a CUDA device (fp16 loss scaling is not supported on CPU); "
+                "use engine.precision=bf16 or fp32 here"
+            )
+
+    # -- process group ------------------------------------------------------------------------
+    @property
+    def is_main(self) -> bool:
+        return self.env.rank == 0
+
+    @property
+    def world_size(self) -> int:
+        return self.env.world_size
+
+    def barrier(self) -> None:
+        if self.env.is_distributed:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """In-place all-reduce (sum or mean) across data-parallel ranks; identity single-process."""
+        if self.env.is_distributed:
+            import torch.distributed as dist
+
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            if op == "mean":
+                t /= self.env.world_size
+        return t
+
+    def reduce_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The sum-all-reduce handed to model code (codebook usage, EMA codebook statistics)."""
+        return lambda t: self.all_reduce(t, "sum")
+
+    # -- units --------------------------------------------------------------------------------
+    def setup(
+        self,
+        module: nn.Module,
+        *,
+        name: str,
+        optim: OptimConfig,
+        lr: float,
+        lr_lambda: Callable[[int], float],
+        blocks: list[nn.Module] = (),
+        micro_batch_size: int = 1,
+        grad_accum: int = 1,
+        ema_decay: float = 0.0,
+    ) -> Unit:
+        module.to(self.device)
+        if self.cfg.activation_checkpointing and hasattr(module, "grad_checkpointing"):
+            module.grad_checkpointing = True
+        if self.cfg.channels_last:
+            module.to(memory_format=torch.channels_last)
+        unit = self._wrap(module, name=name, optim=optim, lr=lr, lr_lambda=lr_lambda, blocks=list(blocks),
+                          micro_batch_size=micro_batch_size, grad_accum=grad_accum)
+        unit.ema_decay = ema_decay
+        if ema_decay > 0:
+            unit.ema = {n: t.detach().clone().float() for n, t in self.local_params(unit)}
+        return unit
+
+    def _wrap(self, module, *, name, optim, lr, lr_lambda, blocks, micro_batch_size, grad_accum) -> Unit:
+        raise NotImplementedError
+
+    def local_params(self, unit: Unit) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, local tensor) for every trainable parameter: the shard this rank owns."""
+        for n, p in unit.raw.named_parameters():
+            if p.requires_grad:
+                yield n, p
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    @contextlib.contextmanager
+    def frozen(self, unit: Unit):
+        """Call the unit's module with its parameters frozen (no gradients, no gradient sync):
+        the generator step runs the discriminator this way."""
+        params = [p for p in unit.raw.parameters() if p.requires_grad]
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            yield unit.raw
+        finally:
+            for p in params:
+                p.requires_grad_(True)
+
+    def no_sync(self, unit: Unit):
+        return contextlib.nullcontext()
+
+    def backward(self, unit: Unit, loss: torch.Tensor, *, last_micro_step: bool = True) -> None:
+        if unit.scaler is not None:
+            unit.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+
+    def discard(self, unit: Unit) -> None:
+        """Drop accumulated gradients without stepping (after a non-finite loss)."""
+        unit.optimizer.zero_grad(set_to_none=True)
+
+    def grad_norm(self, unit: Unit) -> torch.Tensor:
+        """Global L2 norm of the gradients (across shards); fp32 scalar tensor."""
+        sq = torch.zeros((), dtype=torch.float32, device=self.device)
+        for _, p in self.local_params(unit):
+            if p.grad is not None:
+                sq += local_tensor(p.grad).detach().float().pow(2).sum()
+        return sq.sqrt()
+
+    def step(self, unit: Unit, grad_clip: float = 0.0) -> dict:
+        """Clip, skip on non-finite gradients, optimizer step, LR schedule, zero grads."""
+        if unit.scaler is not None:
+            unit.scaler.unscale_(unit.optimizer)
+        norm = self.grad_norm(unit)
+        finite = bool(torch.isfinite(norm))
+        if finite and grad_clip > 0:
+            coef = torch.clamp(grad_clip / (norm + 1e-6), max=1.0)
+            for _, p in self.local_params(unit):
+                if p.grad is not None:
+                    local_tensor(p.grad).detach().mul_(coef.to(p.grad.dtype))
+        if unit.scaler is not None:
+            unit.scaler.step(unit.optimizer)  # skips by itself on inf/nan
+            unit.scaler.update()
+        elif finite:
+            unit.optimizer.step()
+        unit.optimizer.zero_grad(set_to_none=True)
+        if finite:
+            unit.scheduler.step()
+            self.update_ema(unit)
+        return {"grad_norm": float(norm), "skipped": not finite}
+
+    @torch.no_grad()
+    def update_ema(self, unit: Unit) -> None:
+        if unit.ema_decay <= 0:
+            return
+        for n, t in self.local_params(unit):
+            unit.ema[n].lerp_(t.detach().float(), 1.0 - unit.ema_decay)
+
+    def state_bytes(self, unit: Unit) -> dict[str, int]:
+        """Bytes this rank holds for the unit's parameters, gradients and optimizer state."""
+        params = sum(local_tensor(p).numel() * p.element_size() for _, p in self.local_params(unit))
+        grads = sum(local_tensor(p.grad).numel() * p.grad.element_size() for _, p in self.local_params(unit)
+                    if p.grad is not None)
+        optim = sum(local_tensor(v).numel() * v.element_size() for st in unit.optimizer.state.values()
+                    for v in st.values() if torch.is_tensor(v) and v.ndim > 0)
+        return {"params": params, "grads": grads, "optim": optim}
+
+    def lr(self, unit: Unit) -> float:
+        return unit.optimizer.param_groups[0]["lr"]
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def save(self, path: str, units: dict[str, Unit]) -> None:
+        raise NotImplementedError
+
+    def load(self, path: str, units: dict[str, Unit]) -> None:
+        raise NotImplementedError
+
+    def full_state_dict(self, unit: Unit, ema: bool = False) -> dict[str, torch.Tensor]:
+        """The unit's full (unsharded) fp32 weights on every rank: for export and images."""
+        raise NotImplementedError
+
+
+def lr_lambda_for(cfg: OptimConfig, total_steps: int) -> Callable[[int], float]:
+    """Linear warmup, then constant or cosine decay to min_lr_ratio (a multiplier of the base lr)."""
+
+    def f(step: int) -> float:
+        if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "cosine":
+            span = max(1, total_steps - cfg.warmup_steps)
+            t = min(1.0, (step - cfg.warmup_steps) / span)
+            return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+        return 1.0
+
+    if cfg.schedule not in ("constant", "cosine"):
+        raise ValueError(f"optim.schedule {cfg.schedule!r} is not one of constant, cosine")
+    return f

@@ -1,0 +1,158 @@
+"""DeepSpeed ZeRO-1/2/3: one DeepSpeedEngine per unit (the VQGAN stage has two).
+
+Our config generates DeepSpeed's: a torch AdamW is passed in (no fused op is JIT-compiled on CPU),
+gradient accumulation is driven by `set_gradient_accumulation_boundary`, so the loop calls
+`step` once per optimizer step like on every other engine, and clipping is DeepSpeed's own.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+
+import torch
+
+from taming_dist.engines.base import Engine, Unit, build_optimizer
+from taming_dist.engines.dist import ensure_process_group
+
+
+def init_deepspeed_comm(device: torch.device) -> None:
+    import torch.distributed as dist
+
+    ensure_process_group(device)
+    if device.type == "cpu":
+        # On CPU DeepSpeed JIT-compiles a shared-memory all-reduce op at init (~50 s, see
+        # shared/notes/platform-facts.md); gloo's all-reduce is used without it.
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=dist.get_backend())
+
+
+class DeepSpeedEngine(Engine):
+    kind = "deepspeed"
+
+    def __init__(self, cfg, env, device):
+        super().__init__(cfg, env, device)
+        init_deepspeed_comm(device)
+
+    def ds_config(self, micro_batch_size: int, grad_accum: int, grad_clip: float) -> dict:
+        zero: dict = {"stage": self.cfg.zero_stage}
+        if self.cfg.zero_stage == 3:
+            # Small parameters (norms, biases) stay replicated: fewer tiny all-gathers.
+            zero.update({"stage3_param_persistence_threshold": 10_000, "stage3_gather_16bit_weights_on_model_save": False})
+        return {
+            "train_micro_batch_size_per_gpu": micro_batch_size,
+            "gradient_accumulation_steps": grad_accum,
+            "train_batch_size": micro_batch_size * grad_accum * self.world_size,
+            "gradient_clipping": grad_clip,
+            "zero_optimization": zero,
+            "bf16": {"enabled": self.cfg.precision == "bf16"},
+            "fp16": {"enabled": self.cfg.precision == "fp16", "initial_scale_power": 16},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+
+    def _wrap(self, module, *, name, optim, lr, lr_lambda, blocks, micro_batch_size, grad_accum) -> Unit:
+        import deepspeed
+
+        optimizer = build_optimizer(module, optim, lr)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+        ds_engine, ds_opt, _, _ = deepspeed.initialize(
+            model=module, optimizer=optimizer,
+            config=self.ds_config(micro_batch_size, grad_accum, optim.grad_clip),
+        )
+        if self.cfg.compile:
+            ds_engine.compile()
+        return Unit(name, raw=ds_engine.module, module=ds_engine, optimizer=ds_opt, scheduler=scheduler)
+
+    def _partitioned(self) -> bool:
+        return self.cfg.zero_stage == 3
+
+    def local_params(self, unit):
+        for n, p in unit.raw.named_parameters():
+            if p.requires_grad:
+                yield n, (p.ds_tensor if self._partitioned() else p)
+
+    def backward(self, unit, loss, *, last_micro_step=True):
+        unit.module.set_gradient_accumulation_boundary(last_micro_step)
+        # The loop already divides by the accumulation steps.
+        unit.module.backward(loss, scale_wrt_gas=False)
+
+    def discard(self, unit):
+        unit.module.set_gradient_accumulation_boundary(True)
+        unit.module.zero_grad()
+
+    def step(self, unit, grad_clip=0.0):
+        # Clipping is configured in DeepSpeed's config (`gradient_clipping`) at setup.
+        unit.module.step()
+        norm = unit.module.get_global_grad_norm()
+        norm = float(norm) if norm is not None else float("nan")
+        applied = unit.module.was_step_applied() if hasattr(unit.module, "was_step_applied") else True
+        if applied:
+            unit.scheduler.step()
+            self.update_ema(unit)
+        return {"grad_norm": norm, "skipped": not applied}
+
+    def state_bytes(self, unit):
+        """ZeRO's per-rank state: the (partitioned at stage 3) module parameters, the gradient
+        partition (stage 2/3; the full gradients at stage 1) and the optimizer's fp32 master
+        partition plus its moments, read from the ZeRO optimizer."""
+        opt = unit.optimizer
+        params = sum(t.numel() * t.element_size() for _, t in self.local_params(unit))
+        inner = getattr(opt, "optimizer", opt)
+        moments = sum(v.numel() * v.element_size() for st in inner.state.values() for v in st.values()
+                      if torch.is_tensor(v) and v.ndim > 0)
+        masters = getattr(opt, "single_partition_of_fp32_groups", None) or getattr(opt, "fp32_partitioned_groups_flat", [])
+        master = sum(t.numel() * t.element_size() for t in masters)
+        full = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in unit.raw.parameters() if p.requires_grad)
+        grad_numel = full if self.cfg.zero_stage == 1 else sum(t.numel() for t in masters)
+        return {"params": params, "grads": grad_numel * 4, "optim": moments + master}
+
+    def lr(self, unit):
+        return unit.scheduler.get_last_lr()[0]
+
+    def save(self, path, units):
+        for name, u in units.items():
+            u.module.save_checkpoint(path, tag=name)
+            if u.ema:
+                torch.save(u.ema, f"{path}/{name}/ema_rank{self.env.rank:05d}.pt")
+
+    def load(self, path, units):
+        for name, u in units.items():
+            load_path, _ = u.module.load_checkpoint(path, tag=name, load_optimizer_states=True,
+                                                    load_lr_scheduler_states=False)
+            if load_path is None:
+                raise ValueError(f"DeepSpeed found no checkpoint for unit {name!r} under {path}")
+            if u.ema:
+                ema = torch.load(f"{path}/{name}/ema_rank{self.env.rank:05d}.pt", weights_only=True)
+                for k, v in ema.items():
+                    u.ema[k].copy_(v)
+
+    def _gather_flat(self, part: torch.Tensor, shape) -> torch.Tensor:
+        """Rebuild a ZeRO-3 parameter from every rank's flat partition."""
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(part) for _ in range(self.world_size)]
+        dist.all_gather(parts, part.contiguous())
+        numel = 1
+        for s in shape:
+            numel *= s
+        return torch.cat(parts)[:numel].view(shape)
+
+    def full_state_dict(self, unit, ema=False):
+        import deepspeed
+
+        params = list(unit.raw.parameters())
+        ctx = deepspeed.zero.GatheredParameters(params) if self._partitioned() else contextlib.nullcontext()
+        with ctx:
+            sd = {k: v.detach().float().cpu().clone() if v.is_floating_point() else v.cpu().clone()
+                  for k, v in unit.raw.state_dict().items()}
+        if ema and unit.ema:
+            for n, p in unit.raw.named_parameters():
+                if n in unit.ema:
+                    t = unit.ema[n]
+                    sd[n] = (self._gather_flat(t, p.ds_shape) if self._partitioned() else t).float().cpu().clone()
+        return sd

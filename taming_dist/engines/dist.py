@@ -1,0 +1,139 @@
+"""The distributed environment: read it from torchrun, the deepspeed launcher or SLURM, then init.
+
+torchrun and the deepspeed launcher both export RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR /
+MASTER_PORT. Under `srun` (plain sbatch or submitit) only SLURM_* variables exist, so the master
+address comes from the first host of SLURM_JOB_NODELIST and the port is derived from the job id
+(every task of a job computes the same one).
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    source: str = "single"  # single | torchrun | slurm
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Expand a SLURM node list such as `gpu[01-04,07],cpu3` into host names, in order."""
+    hosts: list[str] = []
+    # Split on commas that are not inside brackets.
+    for part in re.findall(r"[^,\[]+(?:\[[^\]]*\])?[^,]*", nodelist):
+        part = part.strip()
+        if not part:
+            continue
+        m = re.fullmatch(r"([^\[]*)\[([^\]]*)\](.*)", part)
+        if not m:
+            hosts.append(part)
+            continue
+        prefix, ranges, suffix = m.groups()
+        for r in ranges.split(","):
+            if "-" in r:
+                lo, hi = r.split("-", 1)
+                if not (lo.isdigit() and hi.isdigit()):
+                    raise ValueError(f"cannot parse range {r!r} in SLURM node list {nodelist!r}")
+                width = len(lo)
+                hosts.extend(f"{prefix}{i:0{width}d}{suffix}" for i in range(int(lo), int(hi) + 1))
+            else:
+                hosts.append(f"{prefix}{r}{suffix}")
+    return hosts
+
+
+def _int_env(env: dict, key: str) -> int:
+    try:
+        return int(env[key])
+    except ValueError:
+        raise ValueError(f"environment variable {key}={env[key]!r} is not an integer") from None
+
+
+def env_from_environ(environ: dict | None = None) -> DistEnv:
+    """Derive rank, world size and rendezvous from the launcher's environment variables."""
+    env = dict(os.environ if environ is None else environ)
+    if "RANK" in env or "WORLD_SIZE" in env:
+        missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in env]
+        if missing:
+            raise ValueError(
+                f"inconsistent launcher environment: RANK/WORLD_SIZE are set but {', '.join(missing)} "
+                "missing; start with torchrun or the deepspeed launcher, or unset RANK/WORLD_SIZE"
+            )
+        world = _int_env(env, "WORLD_SIZE")
+        rank = _int_env(env, "RANK")
+        local_rank = _int_env(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0
+        local_world = _int_env(env, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in env else 1
+        source = "torchrun"
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        world = _int_env(env, "SLURM_NTASKS")
+        rank = _int_env(env, "SLURM_PROCID")
+        local_rank = _int_env(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0
+        local_world = _int_env(env, "SLURM_NTASKS_PER_NODE") if env.get("SLURM_NTASKS_PER_NODE", "").isdigit() else 1
+        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        if world > 1 and not nodelist and "MASTER_ADDR" not in env:
+            raise ValueError("SLURM_NTASKS > 1 but neither SLURM_JOB_NODELIST nor MASTER_ADDR is set")
+        addr = env.get("MASTER_ADDR") or (expand_nodelist(nodelist)[0] if nodelist else "127.0.0.1")
+        job_id = env.get("SLURM_JOB_ID", "0")
+        port = int(env["MASTER_PORT"]) if "MASTER_PORT" in env else 20000 + int(re.sub(r"\D", "", job_id) or 0) % 20000
+        return DistEnv(rank, world, local_rank, local_world, addr, port, "slurm")
+    else:
+        return DistEnv()
+    if not 0 <= rank < world:
+        raise ValueError(f"RANK={rank} is outside WORLD_SIZE={world}")
+    return DistEnv(rank, world, local_rank, local_world, env["MASTER_ADDR"], int(env["MASTER_PORT"]), source)
+
+
+def device_for(env: DistEnv) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", env.local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def init_distributed(env: DistEnv, timeout_s: int = 1800) -> torch.device:
+    """Initialise the default process group (nccl on GPUs, gloo on CPU) when world_size > 1."""
+    import torch.distributed as dist
+
+    device = device_for(env)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if env.is_distributed and not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", env.master_addr)
+        os.environ.setdefault("MASTER_PORT", str(env.master_port))
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(
+            backend=backend,
+            init_method=f"tcp://{env.master_addr}:{env.master_port}",
+            rank=env.rank,
+            world_size=env.world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            device_id=device if device.type == "cuda" else None,
+        )
+    return device
+
+
+def ensure_process_group(device: torch.device) -> None:
+    """A process group even for one process: FSDP2's device mesh and DeepSpeed need one."""
+    import socket
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)

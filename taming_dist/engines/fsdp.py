@@ -1,0 +1,69 @@
+"""FSDP2 (`fully_shard`): parameters, gradients and optimizer state sharded across ranks.
+
+Order as in torchtitan: activation checkpointing (the model's `grad_checkpointing` switch, set in
+Engine.setup) -> compile -> `fully_shard` per block, then the root.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from taming_dist.engines.base import local_tensor
+from taming_dist.engines.dist import ensure_process_group
+from taming_dist.engines.single import SingleEngine
+
+
+class FSDPEngine(SingleEngine):
+    kind = "fsdp"
+
+    def __init__(self, cfg, env, device):
+        super().__init__(cfg, env, device)
+        from torch.distributed.device_mesh import init_device_mesh
+
+        ensure_process_group(device)
+        self.mesh = init_device_mesh(device.type, (env.world_size,))
+
+    def _distribute(self, module, blocks):
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        if self.cfg.compile:
+            for b in blocks:
+                b.compile()
+        mp = MixedPrecisionPolicy(param_dtype=self.dtype, reduce_dtype=torch.float32)
+        for b in blocks:
+            fully_shard(b, mesh=self.mesh, mp_policy=mp)
+        fully_shard(module, mesh=self.mesh, mp_policy=mp)
+        return module
+
+    def _wrap(self, module, **kw):
+        compile_flag, self.cfg.compile = self.cfg.compile, False  # blocks were compiled above
+        try:
+            return super()._wrap(module, **kw)
+        finally:
+            self.cfg.compile = compile_flag
+
+    def _make_scaler(self):
+        if self.cfg.precision != "fp16":
+            return None
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler()
+
+    def no_sync(self, unit):
+        @contextlib.contextmanager
+        def ctx():
+            unit.raw.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                unit.raw.set_requires_gradient_sync(True)
+
+        return ctx()
+
+    def grad_norm(self, unit):
+        sq = torch.zeros((), dtype=torch.float32, device=self.device)
+        for _, p in self.local_params(unit):
+            if p.grad is not None:
+                sq += local_tensor(p.grad).detach().float().pow(2).sum()
+        return self.all_reduce(sq, "sum").sqrt()

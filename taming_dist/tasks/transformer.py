@@ -1,0 +1,114 @@
+"""The transformer stage: one unit (the GPT) over the codes of a frozen first stage.
+
+The first stage (and a conditioning VQModel) is moved to the device but never handed to the
+engine: it is not sharded, has no optimizer state and gets no gradients. With `data.kind: codes`
+the batches carry pre-extracted codes and the first stage only decodes sample images.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from taming_dist.config import RunConfig
+from taming_dist.engines.base import Engine, lr_lambda_for
+from taming_dist.losses.lm import image_token_loss
+from taming_dist.models.transformer import Transformer
+from taming_dist.tasks.base import all_finite, to_device
+from taming_dist.tasks.init import load_init_weights, read_weights
+
+
+class TransformerTask:
+    def __init__(self, cfg: RunConfig, engine: Engine, grad_accum: int):
+        self.cfg, self.engine = cfg, engine
+        t, mcfg = cfg.train, cfg.transformer
+        model = Transformer(mcfg)
+        if cfg.first_stage_ckpt:
+            model.first_stage_model.load_state_dict(read_weights(cfg.first_stage_ckpt), strict=True)
+        elif cfg.data.kind != "codes" and not cfg.init_from:
+            raise ValueError(
+                "stage=transformer needs first_stage_ckpt (a trained VQGAN: model folder, run folder or file) "
+                "unless data.kind=codes or init_from holds the whole model"
+            )
+        if mcfg.condition.kind == "tokens" and mcfg.condition.cond_ckpt:
+            model.cond_stage_model.load_state_dict(read_weights(mcfg.condition.cond_ckpt), strict=True)
+        if cfg.init_from:
+            load_init_weights(cfg.init_from, {"transformer": model}, engine.is_main)
+        self.model = model
+        for frozen in (model.first_stage_model, getattr(model, "cond_stage_model", None)):
+            if frozen is not None:
+                frozen.to(engine.device)
+        self.G = engine.setup(model.transformer, name="transformer", optim=t.optim, lr=t.optim.lr,
+                              lr_lambda=lr_lambda_for(t.optim, t.steps), blocks=list(model.transformer.blocks),
+                              micro_batch_size=t.micro_batch_size, grad_accum=grad_accum, ema_decay=t.ema_decay)
+        self.units = {"transformer": self.G}
+
+    def work_per_sample(self) -> tuple[str, int]:
+        return "tokens", self.cfg.transformer.gpt.block_size
+
+    def train_step(self, micro_batches: list[dict], step: int) -> dict:
+        eng, n = self.engine, len(micro_batches)
+        stats: dict[str, float] = {}
+        for i, mb in enumerate(micro_batches):
+            batch = to_device(mb, eng.device)
+            last = i == n - 1
+            with torch.no_grad(), eng.autocast():
+                inputs = self.model.make_training_inputs(batch)
+            with (eng.no_sync(self.G) if not last else nullcontext()):
+                with eng.autocast():
+                    logits = self.G.module(inputs["idx"], context=inputs["context"])
+                loss, logs = image_token_loss(logits, inputs["targets"], inputs["c_len"])
+                if not all_finite(eng, loss):
+                    eng.discard(self.G)
+                    return {"skipped": 1.0}
+                eng.backward(self.G, loss / n, last_micro_step=last)
+            for k, v in {"loss": loss, **logs}.items():
+                stats[k] = stats.get(k, 0.0) + float(v) / n
+        stats.update(eng.step(self.G, self.cfg.train.optim.grad_clip))
+        stats["skipped"] = float(stats.pop("skipped"))
+        stats["lr"] = eng.lr(self.G)
+        return stats
+
+    def _conditions(self, batch: dict, count: int):
+        kind = self.cfg.transformer.condition.kind
+        if kind == "class":
+            return batch["label"][:count]
+        if kind == "tokens":
+            return batch["cond_image"][:count]
+        if kind == "context":
+            return batch["context"][:count]
+        return None
+
+    @torch.no_grad()
+    def save_images(self, batch: dict, step: int, folder: Path) -> list[Path]:
+        """Samples for the batch's conditions; every rank samples (the GPT may be sharded), with
+        a generator seeded by the step so the training RNG stream is untouched."""
+        from taming_dist.data.images import save_grid
+
+        batch = to_device(batch, self.engine.device)
+        gen = torch.Generator(device=self.engine.device).manual_seed(step)
+        gpt = self.G.raw
+        was_training = gpt.training
+        gpt.eval()
+        cond = self._conditions(batch, 8)
+        with self.engine.autocast():
+            codes = self.model.sample(cond, batch_size=8, top_k=None, generator=gen)
+            images = self.model.decode_to_img(codes).float().clamp(-1, 1)
+        gpt.train(was_training)
+        if not self.engine.is_main:
+            return []
+        path = folder / f"samples_{step:06d}.png"
+        save_grid(images, path, nrow=8)
+        return [path]
+
+    def export(self, folder: Path, ema: bool = True) -> None:
+        from taming_dist.checkpoint.pretrained import save_model_folder
+
+        gpt_sd = self.engine.full_state_dict(self.G, ema=ema and bool(self.G.ema))
+        if self.engine.is_main:
+            sd = {f"transformer.{k}": v for k, v in gpt_sd.items()}
+            for k, v in self.model.state_dict().items():
+                if not k.startswith("transformer."):
+                    sd[k] = v.detach().cpu()
+            save_model_folder(folder, "transformer", self.cfg.transformer, sd)

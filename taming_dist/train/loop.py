@@ -1,0 +1,169 @@
+"""The one training loop, for both stages and every engine.
+
+Runs unchanged under plain `python` (one process), torchrun, the deepspeed launcher and srun:
+the environment decides rank and world size (engines/dist.py), the config decides the engine.
+"""
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import torch
+
+from taming_dist.checkpoint.manager import CheckpointManager
+from taming_dist.config import RunConfig, dump_config, to_dict
+from taming_dist.engines import build_engine, env_from_environ, init_distributed
+from taming_dist.logging import RunLogger, print0, set_rank
+
+
+def build_task(cfg: RunConfig, engine, grad_accum: int):
+    if cfg.stage == "vqgan":
+        from taming_dist.tasks.vqgan import VQGANTask
+
+        return VQGANTask(cfg, engine, grad_accum)
+    from taming_dist.tasks.transformer import TransformerTask
+
+    return TransformerTask(cfg, engine, grad_accum)
+
+
+def grad_accum_steps(cfg: RunConfig, world_size: int) -> int:
+    t = cfg.train
+    per_step = t.micro_batch_size * world_size
+    if t.global_batch_size % per_step:
+        raise ValueError(
+            f"train.global_batch_size {t.global_batch_size} is not divisible by train.micro_batch_size "
+            f"{t.micro_batch_size} x data-parallel size {world_size}"
+        )
+    return t.global_batch_size // per_step
+
+
+class _StopFlag:
+    """Set by SIGUSR1/SIGUSR2/SIGTERM (SLURM's warning before a time limit or preemption); the
+    loop all-reduces it each step so every rank checkpoints at the same step and exits."""
+
+    def __init__(self):
+        self.set = False
+        for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM):
+            try:
+                signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread (e.g. inside a test runner thread)
+                pass
+
+    def _handler(self, signum, frame):
+        self.set = True
+
+
+def train(cfg: RunConfig, resume: str = "auto") -> dict:
+    """Train `cfg`; returns the last logged metrics. `resume`: auto (latest checkpoint if any),
+    none, or a checkpoint folder."""
+    env = env_from_environ()
+    set_rank(env.rank)
+    device = init_distributed(env)
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+    engine = build_engine(cfg.engine, env, device)
+    accum = grad_accum_steps(cfg, env.world_size)
+    run_dir = Path(cfg.out_dir) / cfg.name
+    if engine.is_main:
+        (run_dir / "images").mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, run_dir / "config.yaml")
+    engine.barrier()
+
+    task = build_task(cfg, engine, accum)
+    from taming_dist.data.stream import build_stream
+
+    stream = build_stream(cfg.data, batch_size=cfg.train.micro_batch_size, rank=env.rank,
+                          world_size=env.world_size, seed=cfg.train.seed,
+                          stage=cfg.stage, codes_len=_codes_len(cfg))
+    ckpt = CheckpointManager(run_dir / "checkpoints", engine, cfg.train.keep_last)
+    start, bad_in_row, skipped_total = 0, 0, 0
+    path = _resume_path(ckpt, resume)
+    if path is not None:
+        meta, extra = ckpt.load(path, task.units)
+        start, skipped_total = meta["step"], meta.get("skipped_total", 0)
+        if "data" in extra:
+            stream.load_state_dict(extra["data"])
+        print0(f"resumed from {path} at step {start}")
+    if path is None:
+        # Different seeds per rank for what follows init (dropout, pkeep); a resumed run instead
+        # continues the RNG streams saved in the checkpoint.
+        torch.manual_seed(cfg.train.seed * 1000 + env.rank)
+
+    logger = RunLogger(run_dir, to_dict(cfg), is_main=engine.is_main, wandb_mode=cfg.logging.wandb_mode,
+                       project=cfg.logging.project, total_steps=cfg.train.steps, progress=cfg.logging.progress)
+    stop = _StopFlag()
+    unit_name, per_sample = task.work_per_sample()
+    batches = iter(stream)
+    metrics: dict = {}
+    t0, done_since_log = time.time(), 0
+    step = start
+    while step < cfg.train.steps:
+        micro = [next(batches) for _ in range(accum)]
+        stats = task.train_step(micro, step)
+        step += 1
+        if stats.get("skipped", 0.0):
+            bad_in_row += 1
+            skipped_total += 1
+            logger.text(f"step {step}: non-finite loss or gradient, step skipped ({bad_in_row} in a row)")
+            if bad_in_row >= cfg.train.max_bad_steps:
+                raise RuntimeError(
+                    f"{bad_in_row} non-finite steps in a row (train.max_bad_steps={cfg.train.max_bad_steps}) at step "
+                    f"{step}: lower the learning rate, enable grad clipping (train.optim.grad_clip) or use bf16/fp32"
+                )
+        else:
+            bad_in_row = 0
+        done_since_log += 1
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            dt = time.time() - t0
+            samples = done_since_log * cfg.train.global_batch_size
+            metrics = {**{k: v for k, v in stats.items()}, f"{unit_name}_per_s": samples * per_sample / dt,
+                       "skipped_total": skipped_total, **_memory(device)}
+            if hasattr(stream, "stats"):
+                metrics.update({f"data/{k}": v for k, v in stream.stats().items()})
+            logger.log(step, metrics)
+            t0, done_since_log = time.time(), 0
+        if cfg.train.image_every and (step % cfg.train.image_every == 0 or step == cfg.train.steps):
+            for p in task.save_images(micro[0], step, run_dir / "images"):
+                logger.image(step, p.stem.split("_")[0], p)
+        stop_now = _all_true(engine, stop.set)
+        if stop_now or step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:
+            ckpt.save(step, task.units, {"skipped_total": skipped_total},
+                      {"data": stream.state_dict()} if hasattr(stream, "state_dict") else {})
+        if stop_now:
+            logger.text(f"stop signal received: checkpoint written at step {step}, exiting for requeue")
+            logger.close()
+            return {**metrics, "stopped_at": step}
+    task.export(run_dir / "model")
+    engine.barrier()
+    logger.close()
+    return metrics
+
+
+def _codes_len(cfg: RunConfig) -> int:
+    fs = cfg.transformer.first_stage
+    side = fs.ddconfig.resolution // fs.downsample_factor
+    return side * side
+
+
+def _resume_path(ckpt: CheckpointManager, resume: str):
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return ckpt.latest()
+    p = Path(resume)
+    if not (p / "meta.pt").exists():
+        raise FileNotFoundError(f"--resume {resume}: not a checkpoint folder (no meta.pt)")
+    return p
+
+
+def _all_true(engine, flag: bool) -> bool:
+    t = torch.tensor(1.0 if flag else 0.0, device=engine.device)
+    return float(engine.all_reduce(t, "sum")) > 0
+
+
+def _memory(device: torch.device) -> dict:
+    if device.type == "cuda":
+        return {"peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30}
+    import resource
+
+    return {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}

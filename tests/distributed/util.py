@@ -1,0 +1,39 @@
+"""Launch helpers for multi-process tests (torchrun on CPU with gloo)."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS")}
+    env.update({"OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1",
+                "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions"),
+                "TAMING_DIST_CACHE": str(REPO / ".cache" / "taming_dist"), "DS_ACCELERATOR": "cpu"})
+    env.update(extra)
+    return env
+
+
+def run(args: list[str], nproc: int = 1, timeout: int = 600, cwd=None, env=None) -> subprocess.CompletedProcess:
+    """`python args...` in one process, or under torchrun with `nproc` processes."""
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               f"--master_port={free_port()}", "--master_addr=127.0.0.1", *args]
+    else:
+        cmd = [sys.executable, *args]
+    p = subprocess.run(cmd, cwd=cwd or REPO, env=env or test_env(), capture_output=True, text=True, timeout=timeout)
+    if p.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-8000:]}")
+    return p

@@ -1,0 +1,106 @@
+"""Exact resume, kill -9 during a checkpoint write, and resume onto another world size."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.distributed.util import REPO, run, test_env
+
+pytestmark = pytest.mark.slow
+
+TINY = ["vqgan.ddconfig.ch=32", "vqgan.ddconfig.ch_mult=[1,2]", "vqgan.ddconfig.resolution=16", "data.size=16",
+        "vqgan.ddconfig.attn_resolutions=[8]", "loss.disc_start=1", "loss.discriminator.n_layers=1",
+        "train.global_batch_size=4", "train.micro_batch_size=2", "train.log_every=1", "train.image_every=0",
+        "logging.wandb_mode=disabled", "logging.progress=false", "data.synthetic_samples=256"]
+
+
+def train(out, name, steps, engine, nproc, extra=()):
+    args = ["-m", "taming_dist", "train", "vqgan-tiny", f"out_dir={out}", f"name={name}", f"train.steps={steps}",
+            f"train.ckpt_every={steps}", *engine, *TINY, *extra]
+    return run(args, nproc=nproc, timeout=600)
+
+
+def losses(run_dir):
+    rows = [json.loads(line) for line in open(run_dir / "log.txt") if line.startswith('{"step"')]
+    return {r["step"]: (r["loss"], r.get("d_loss", 0.0)) for r in rows}
+
+
+ENGINES = {
+    "single": (["engine.kind=single"], 1),
+    "ddp": (["engine.kind=ddp"], 2),
+    "fsdp": (["engine.kind=fsdp"], 2),
+    "zero3": (["engine.kind=deepspeed", "engine.zero_stage=3"], 2),
+}
+
+
+@pytest.mark.parametrize("name", list(ENGINES))
+def test_exact_resume(tmp_path, name):
+    engine, nproc = ENGINES[name]
+    train(tmp_path, "straight", 4, engine, nproc)
+    train(tmp_path, "resumed", 2, engine, nproc)
+    p = train(tmp_path, "resumed", 4, engine, nproc)
+    assert "resumed from" in p.stdout + p.stderr
+    a, b = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    assert set(a) == {1, 2, 3, 4} and set(b) == {1, 2, 3, 4}
+    for step in (3, 4):
+        assert a[step] == b[step], f"step {step}: straight {a[step]} vs resumed {b[step]}"
+    wa = load_file(tmp_path / "straight" / "model" / "model.safetensors")
+    wb = load_file(tmp_path / "resumed" / "model" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert (wa[k] == wb[k]).all(), k
+
+
+KILLER = textwrap.dedent("""
+    import os, signal, sys
+    from taming_dist.engines.single import SingleEngine
+    real_save = SingleEngine.save
+    calls = []
+    def save(self, path, units):
+        calls.append(path)
+        real_save(self, path, units)
+        if len(calls) == 2:   # second checkpoint: model files written, meta.pt not yet
+            os.kill(os.getpid(), signal.SIGKILL)
+    SingleEngine.save = save
+    from taming_dist.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_kill_9_during_checkpoint_write_keeps_previous(tmp_path):
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER)
+    args = [sys.executable, str(script), "train", "vqgan-tiny", f"out_dir={tmp_path}", "name=k", "train.steps=4",
+            "train.ckpt_every=2", *TINY]
+    p = subprocess.run(args, cwd=REPO, env=test_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-3000:]
+    ck = tmp_path / "k" / "checkpoints"
+    assert (ck / "latest").read_text().strip() == "step_000002"
+    assert (ck / "step_000004.tmp").exists() and not (ck / "step_000004").exists()
+    p = run(["-m", "taming_dist", "train", "vqgan-tiny", f"out_dir={tmp_path}", "name=k", "train.steps=4",
+             "train.ckpt_every=2", *TINY])
+    assert "resumed from" in p.stdout and "step_000002" in p.stdout
+    assert (ck / "latest").read_text().strip() == "step_000004"
+    assert not (ck / "step_000004.tmp").exists()
+
+
+def test_fsdp_resume_on_one_rank_reshards(tmp_path):
+    train(tmp_path, "f", 2, ["engine.kind=fsdp"], 2)
+    two = load_file(tmp_path / "f" / "model" / "model.safetensors")
+    os.remove(tmp_path / "f" / "model" / "model.safetensors")
+    p = train(tmp_path, "f", 2, ["engine.kind=fsdp"], 1)  # loads step 2 on 1 rank, nothing left to train
+    assert "resumed from" in p.stdout
+    one = load_file(tmp_path / "f" / "model" / "model.safetensors")
+    for k in two:
+        assert (two[k] == one[k]).all(), k
+
+
+def test_deepspeed_other_world_size_explains_conversion(tmp_path):
+    train(tmp_path, "d", 2, ["engine.kind=deepspeed", "engine.zero_stage=2"], 2)
+    with pytest.raises(AssertionError, match="ds_to_universal"):
+        train(tmp_path, "d", 3, ["engine.kind=deepspeed", "engine.zero_stage=2"], 1)

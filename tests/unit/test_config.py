@@ -1,0 +1,68 @@
+import pytest
+
+from taming_dist.config import RunConfig, VQModelConfig, dump_config, from_dict, load_config, preset_names
+from taming_dist.config.load import apply_overrides
+
+
+def test_presets_all_load():
+    names = preset_names()
+    for required in ["vqgan-f16-1024", "vqgan-f16-16384", "gumbel-f8-8192", "gpt-cin-1.4b", "vqgan-tiny",
+                     "transformer-tiny"]:
+        assert required in names
+    for n in names:
+        assert isinstance(load_config(n), RunConfig)
+
+
+def test_base_inheritance_and_overrides():
+    cfg = load_config("vqgan-f16-16384", ["train.steps=7", "engine.kind=fsdp", "vqgan.ddconfig.ch_mult=[1,2]",
+                                          "loss.disc_weight=0.5"])
+    assert cfg.vqgan.quantizer.n_embed == 16384  # from the file
+    assert cfg.vqgan.ddconfig.z_channels == 256  # inherited from the base preset
+    assert cfg.loss.discriminator.n_layers == 2
+    assert cfg.train.steps == 7 and cfg.engine.kind == "fsdp" and cfg.vqgan.ddconfig.ch_mult == [1, 2]
+    assert cfg.loss.disc_weight == 0.5
+
+
+def test_unknown_key_names_key_file_and_allowed(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("base: vqgan-tiny\nvqgan:\n  quantizer:\n    n_embeds: 12\n")
+    with pytest.raises(ValueError) as e:
+        load_config(str(p))
+    msg = str(e.value)
+    assert "vqgan.quantizer.n_embeds" in msg and "bad.yaml" in msg and "n_embed" in msg
+
+
+def test_unknown_override_key_is_an_error():
+    with pytest.raises(ValueError, match="train.stepz"):
+        load_config("vqgan-tiny", ["train.stepz=3"])
+
+
+def test_type_errors_are_clear():
+    with pytest.raises(ValueError, match="train.steps.*integer"):
+        load_config("vqgan-tiny", ["train.steps=abc"])
+    with pytest.raises(ValueError, match="must be true or false"):
+        load_config("vqgan-tiny", ["engine.compile=maybe"])
+
+
+def test_validation_errors_name_values():
+    with pytest.raises(ValueError, match="engine.kind 'zero'"):
+        load_config("vqgan-tiny", ["engine.kind=zero"])
+    with pytest.raises(ValueError, match="global_batch_size 10 is not divisible by train.micro_batch_size 4"):
+        load_config("vqgan-tiny", ["train.global_batch_size=10", "train.micro_batch_size=4"])
+
+
+def test_dump_roundtrip(tmp_path):
+    cfg = load_config("gpt-cin-1.4b")
+    text = dump_config(cfg, tmp_path / "c.yaml")
+    again = load_config(str(tmp_path / "c.yaml"))
+    assert again == cfg and "n_layer: 48" in text
+
+
+def test_from_dict_nested_optional():
+    cfg = from_dict(RunConfig, {"transformer": {"condition": {"kind": "tokens", "cond_vqgan": {"quantizer": {"n_embed": 7}}}}})
+    assert isinstance(cfg.transformer.condition.cond_vqgan, VQModelConfig)
+    assert cfg.transformer.condition.cond_vqgan.quantizer.n_embed == 7
+
+
+def test_apply_overrides_creates_nested():
+    assert apply_overrides({}, ["a.b.c=1"]) == {"a": {"b": {"c": 1}}}

@@ -1,0 +1,46 @@
+import pytest
+
+from taming_dist.engines.dist import env_from_environ, expand_nodelist
+
+
+@pytest.mark.parametrize("text,hosts", [
+    ("node1", ["node1"]),
+    ("gpu[01-04,07],cpu3", ["gpu01", "gpu02", "gpu03", "gpu04", "gpu07", "cpu3"]),
+    ("a[1-3]", ["a1", "a2", "a3"]),
+    ("rack[9-11]-n", ["rack9-n", "rack10-n", "rack11-n"]),
+    ("x,y[002-003]", ["x", "y002", "y003"]),
+])
+def test_expand_nodelist(text, hosts):
+    assert expand_nodelist(text) == hosts
+
+
+def test_torchrun_env():
+    env = env_from_environ({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+                            "MASTER_ADDR": "h0", "MASTER_PORT": "1234"})
+    assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.master_port) == (3, 4, 1, "h0", 1234)
+    assert env.source == "torchrun"
+
+
+def test_slurm_env_derives_master_and_port():
+    env = env_from_environ({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
+                            "SLURM_JOB_NODELIST": "gpu[03-06]", "SLURM_JOB_ID": "4242"})
+    assert (env.rank, env.world_size, env.local_rank) == (5, 8, 1)
+    assert env.master_addr == "gpu03" and env.master_port == 20000 + 4242 % 20000
+    # every task of the job derives the same rendezvous
+    env2 = env_from_environ({"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_JOB_NODELIST": "gpu[03-06]",
+                             "SLURM_JOB_ID": "4242"})
+    assert (env2.master_addr, env2.master_port) == (env.master_addr, env.master_port)
+
+
+def test_single_process_default():
+    env = env_from_environ({})
+    assert env.world_size == 1 and not env.is_distributed
+
+
+def test_inconsistent_env_says_what_is_missing():
+    with pytest.raises(ValueError, match="MASTER_ADDR, MASTER_PORT"):
+        env_from_environ({"RANK": "0", "WORLD_SIZE": "2"})
+    with pytest.raises(ValueError, match="RANK=2 is outside WORLD_SIZE=2"):
+        env_from_environ({"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "a", "MASTER_PORT": "1"})
+    with pytest.raises(ValueError, match="not an integer"):
+        env_from_environ({"SLURM_PROCID": "x", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "a"})

@@ -1,0 +1,81 @@
+"""Per-engine training throughput and per-rank memory of parameters + gradients + optimizer state.
+
+Run under torchrun (world size 2 on this machine's CPU; 8 GPUs on a node the same way):
+  .venv/bin/torchrun --nproc_per_node 2 tools/bench_train.py --stage transformer
+  .venv/bin/torchrun --nproc_per_node 2 tools/bench_train.py --stage vqgan
+Prints one row per engine: step time, images/s or tokens/s, and the state bytes per rank, with
+the ratio to DDP's. Uses the harness' fixed batches (tests/distributed/harness.py) and fp32.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "distributed"))
+
+from harness import GLOBAL_BATCH, global_batch, make_cfg  # noqa: E402
+
+from taming_dist.engines import build_engine, env_from_environ, init_distributed  # noqa: E402
+from taming_dist.train.loop import build_task, grad_accum_steps  # noqa: E402
+
+ENGINES = [("ddp", 2), ("fsdp", 2), ("deepspeed", 1), ("deepspeed", 2), ("deepspeed", 3)]
+
+
+def bench(stage, kind, zero, env, device, steps, size_args):
+    micro = GLOBAL_BATCH // env.world_size
+    cfg = make_cfg(stage, kind, zero, "fp32", False, micro, extra=tuple(size_args))
+    torch.manual_seed(0)
+    engine = build_engine(cfg.engine, env, device)
+    task = build_task(cfg, engine, grad_accum_steps(cfg, env.world_size))
+    per_rank = GLOBAL_BATCH // env.world_size
+    times = []
+    for step in range(steps + 1):
+        gb = global_batch(stage, step, cfg)
+        local = {k: v[env.rank * per_rank:(env.rank + 1) * per_rank] for k, v in gb.items()}
+        engine.barrier()
+        t = time.perf_counter()
+        task.train_step([local], step)
+        engine.barrier()
+        if step:  # the first step allocates optimizer state
+            times.append(time.perf_counter() - t)
+    mem = {k: 0 for k in ("params", "grads", "optim")}
+    for unit in task.units.values():
+        for k, v in engine.state_bytes(unit).items():
+            mem[k] += v
+    work = GLOBAL_BATCH * (cfg.transformer.gpt.block_size if stage == "transformer" else 1)
+    return sum(times) / len(times), work, mem
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--stage", default="transformer", choices=["vqgan", "transformer"])
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--set", nargs="*", default=None, help="config overrides (model size), key=value")
+    args = ap.parse_args()
+    size = args.set if args.set is not None else (
+        ["transformer.gpt.n_layer=6", "transformer.gpt.n_embd=256"] if args.stage == "transformer"
+        else ["vqgan.ddconfig.ch=64"])
+    env = env_from_environ()
+    device = init_distributed(env)
+    rows = []
+    for kind, zero in ENGINES:
+        dt, work, mem = bench(args.stage, kind, zero, env, device, args.steps, size)
+        rows.append((f"{kind}" + (f" zero-{zero}" if kind == "deepspeed" else ""), dt, work / dt, mem))
+    if env.rank == 0:
+        unit = "tokens/s" if args.stage == "transformer" else "images/s"
+        ddp_total = sum(rows[0][3].values())
+        print(f"stage={args.stage} world_size={env.world_size} global_batch={GLOBAL_BATCH} sizes={size} device={device}")
+        print(f"{'engine':<14}{'step s':>9}{unit:>12}{'params MiB':>12}{'grads MiB':>11}{'optim MiB':>11}"
+              f"{'total MiB':>11}{'vs DDP':>8}")
+        for name, dt, rate, mem in rows:
+            total = sum(mem.values())
+            print(f"{name:<14}{dt:>9.3f}{rate:>12.1f}{mem['params'] / 2**20:>12.2f}{mem['grads'] / 2**20:>11.2f}"
+                  f"{mem['optim'] / 2**20:>11.2f}{total / 2**20:>11.2f}{total / ddp_total:>8.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -18,6 +18,8 @@ COMMANDS = {
     "sample": "sample",
     "reconstruct": "reconstruct",
     "import-taming": "import_taming",
+    "convert": "convert",
+    "shard": "shard",
 }
 
 

@@ -19,7 +19,7 @@ def run(args) -> int:
     from taming_dist.tasks.init import resolve_model_folder
 
     model = build_model_from_folder(resolve_model_folder(args.model)).eval()
-    size = model.cfg.ddconfig.resolution
+    size = model.config.ddconfig.resolution
     if args.images:
         arrs = []
         for p in args.images:

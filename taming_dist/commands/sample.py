@@ -23,7 +23,7 @@ def run(args) -> int:
     from taming_dist.checkpoint.pretrained import build_model_from_folder
 
     model = build_model_from_folder(resolve_model_folder(args.model)).eval()
-    kind = model.cfg.condition.kind if hasattr(model, "cfg") else "none"
+    kind = model.config.condition.kind if hasattr(model, "config") else "none"
     gen = torch.Generator().manual_seed(args.seed)
     kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cfg_scale=args.cfg_scale,
               generator=gen)

@@ -1,3 +1,7 @@
+# Exit status when a stop signal (SIGUSR1/SIGUSR2/SIGTERM, e.g. SLURM's warning before the time
+# limit) made every rank checkpoint and stop early: launchers requeue the job on it (EX_TEMPFAIL).
+EXIT_STOPPED = 75
+
 HELP = "train a VQGAN or a transformer (the engine and stage come from the config)"
 EXAMPLE = ("taming-dist train vqgan-tiny train.steps=100 engine.kind=ddp  "
            "# under torchrun --nproc_per_node 2, deepspeed, srun or plain python")
@@ -20,5 +24,5 @@ def run(args) -> int:
         return 0
     from taming_dist.train.loop import train
 
-    train(cfg, resume=args.resume)
-    return 0
+    result = train(cfg, resume=args.resume)
+    return EXIT_STOPPED if "stopped_at" in result else 0

@@ -55,8 +55,11 @@ class QuantizerConfig:
     ema_eps: float = 1e-5
     codebook_dim: int = 8  # l2 kind only: dimension of the lookup space
     gumbel_tau: float = 1.0
+    gumbel_straight_through: bool = True  # gumbel only: hard one-hot in training (the original's default)
     kl_weight: float = 5e-4
-    dead_code_threshold: float = 0.0  # restart codes with EMA usage below this (0 = never)
+    # vq/ema only: restart codes whose EMA usage, relative to a uniform assignment (1.0 = an
+    # average code), falls below this (0 = never)
+    dead_code_threshold: float = 0.0
 
     def validate(self) -> None:
         if self.kind not in ("vq", "ema", "gumbel", "l2"):
@@ -302,6 +305,13 @@ class RunConfig:
         self.data.validate()
         self.engine.validate()
         self.logging.validate()
+        q = self.vqgan.quantizer
+        if self.stage == "vqgan" and q.kind == "vq" and q.dead_code_threshold > 0 and self.engine.kind in ("fsdp", "deepspeed"):
+            raise ValueError(
+                f"quantizer.dead_code_threshold > 0 with kind=vq rewrites codebook parameters in forward, which "
+                f"engine.kind={self.engine.kind} would undo (sharded copies, fp32 master weights); use "
+                "quantizer.kind=ema (codebook in buffers) or engine.kind=ddp"
+            )
         t = self.train
         if t.global_batch_size % t.micro_batch_size:
             raise ValueError(

@@ -100,6 +100,18 @@ class Engine:
                 t /= self.env.world_size
         return t
 
+    def broadcast_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """In-place broadcast from rank 0, handed to model code (dead-code restarts)."""
+
+        def fn(t: torch.Tensor) -> torch.Tensor:
+            if self.env.is_distributed:
+                import torch.distributed as dist
+
+                dist.broadcast(t, 0)
+            return t
+
+        return fn
+
     def reduce_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """The sum-all-reduce handed to model code (codebook usage, EMA codebook statistics)."""
         return lambda t: self.all_reduce(t, "sum")

@@ -52,6 +52,9 @@ class VQGANTask:
         if cfg.init_from:
             load_init_weights(cfg.init_from, {"generator": model, "discriminator": disc.discriminator}, engine.is_main)
         model.quantize.reduce_fn = engine.reduce_fn()
+        # Dead-code restarts pick replacement vectors per rank; rank 0's choice is broadcast.
+        model.quantize.broadcast_fn = engine.broadcast_fn()
+        disc.discriminator.set_reduce_fn(engine.reduce_fn())  # ActNorm's data-dependent init
         self.loss = VQGANLoss(cfg.loss).to(engine.device)
         self._conv_out_in: torch.Tensor | None = None
         model.decoder.conv_out.register_forward_hook(self._capture_conv_out_input)

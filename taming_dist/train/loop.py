@@ -73,8 +73,7 @@ def train(cfg: RunConfig, resume: str = "auto") -> dict:
     from taming_dist.data.stream import build_stream
 
     stream = build_stream(cfg.data, batch_size=cfg.train.micro_batch_size, rank=env.rank,
-                          world_size=env.world_size, seed=cfg.train.seed,
-                          stage=cfg.stage, codes_len=_codes_len(cfg))
+                          world_size=env.world_size, seed=cfg.train.seed)
     ckpt = CheckpointManager(run_dir / "checkpoints", engine, cfg.train.keep_last)
     start, bad_in_row, skipped_total = 0, 0, 0
     path = _resume_path(ckpt, resume)
@@ -137,12 +136,6 @@ def train(cfg: RunConfig, resume: str = "auto") -> dict:
     engine.barrier()
     logger.close()
     return metrics
-
-
-def _codes_len(cfg: RunConfig) -> int:
-    fs = cfg.transformer.first_stage
-    side = fs.ddconfig.resolution // fs.downsample_factor
-    return side * side
 
 
 def _resume_path(ckpt: CheckpointManager, resume: str):

@@ -1,0 +1,112 @@
+"""Training run or checkpoint -> inference folders (ours) or the original taming layout.
+
+Ours: `config.json` (the model's config only) + `model.safetensors`; a transformer export is a
+pipeline folder with `vqgan/` (its first stage) and `transformer/` (the whole conditional model).
+`format="taming"`: `model.ckpt` holding `{"state_dict": ...}` with the original key names (the GPT's
+causal `attn.mask` buffers put back) and the original-style `model.yaml` beside it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+import yaml
+
+from taming_dist.checkpoint.convert import consolidate, resolve_checkpoint
+from taming_dist.config import RunConfig, load_config
+
+
+def _run_config(ckpt: Path) -> RunConfig:
+    for cand in (ckpt.parent.parent / "config.yaml", ckpt / "config.yaml"):
+        if cand.exists():
+            return load_config(str(cand))
+    raise FileNotFoundError(f"no config.yaml found for {ckpt}: expected it in the run folder {ckpt.parent.parent}")
+
+
+def export_run(src: str | Path, out: str | Path, *, ema: bool = True, dtype: torch.dtype | None = None,
+               fmt: str = "taming_dist") -> list[Path]:
+    """Export the latest (or the given) checkpoint of a run. Returns the folders written."""
+    from taming_dist.checkpoint.pretrained import save_model_folder
+    from taming_dist.tasks.init import read_weights
+
+    ckpt = resolve_checkpoint(src)
+    cfg = _run_config(ckpt)
+    units = consolidate(ckpt, ema=ema, dtype=dtype)
+    out = Path(out)
+    if cfg.stage == "vqgan":
+        sd = units["generator"]
+        if fmt == "taming":
+            disc = {f"loss.{k}": v for k, v in units["discriminator"].items()}
+            return [write_taming(out, "vqgan", cfg, {**sd, **disc})]
+        save_model_folder(out, "vqgan", cfg.vqgan, sd, dtype=dtype)
+        return [out]
+    sd = {f"transformer.{k}": v for k, v in units["transformer"].items()}
+    if cfg.first_stage_ckpt:
+        sd.update({f"first_stage_model.{k}": v for k, v in read_weights(cfg.first_stage_ckpt).items()})
+    if cfg.transformer.condition.kind == "tokens" and cfg.transformer.condition.cond_ckpt:
+        sd.update({f"cond_stage_model.{k}": v for k, v in read_weights(cfg.transformer.condition.cond_ckpt).items()})
+    if fmt == "taming":
+        return [write_taming(out, "transformer", cfg, sd)]
+    first = {k.split(".", 1)[1]: v for k, v in sd.items() if k.startswith("first_stage_model.")}
+    save_model_folder(out / "vqgan", "vqgan", cfg.transformer.first_stage, first, dtype=dtype)
+    save_model_folder(out / "transformer", "transformer", cfg.transformer, sd, dtype=dtype)
+    return [out / "vqgan", out / "transformer"]
+
+
+def _original_vq_params(vq, loss=None) -> dict:
+    q = vq.quantizer
+    params = {"embed_dim": q.embed_dim, "n_embed": q.n_embed, "ddconfig": dataclasses.asdict(vq.ddconfig)}
+    if q.kind == "gumbel":
+        params.update({"kl_weight": q.kl_weight, "temperature_scheduler_config": None})
+    if loss is not None:
+        params["lossconfig"] = {
+            "target": "taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator",
+            "params": {"disc_conditional": False, "disc_in_channels": loss.discriminator.input_nc,
+                       "disc_start": loss.disc_start, "disc_weight": loss.disc_weight,
+                       "codebook_weight": loss.codebook_weight, "disc_num_layers": loss.discriminator.n_layers,
+                       "use_actnorm": loss.discriminator.norm == "actnorm", "disc_loss": loss.disc_loss},
+        }
+    else:
+        params["lossconfig"] = {"target": "taming.modules.losses.DummyLoss"}
+    return params
+
+
+def original_yaml(kind: str, cfg: RunConfig) -> dict:
+    if kind == "vqgan":
+        target = "taming.models.vqgan.GumbelVQ" if cfg.vqgan.quantizer.kind == "gumbel" else "taming.models.vqgan.VQModel"
+        return {"model": {"base_learning_rate": cfg.train.optim.lr, "target": target,
+                          "params": _original_vq_params(cfg.vqgan, cfg.loss)}}
+    t = cfg.transformer
+    cond = {"none": {"target": "taming.modules.util.SOSProvider", "params": {"sos_token": t.condition.sos_token}},
+            "class": {"target": "taming.modules.util.Labelator", "params": {"n_classes": t.condition.n_classes}},
+            "tokens": {"target": "taming.models.vqgan.VQModel",
+                       "params": _original_vq_params(t.condition.cond_vqgan) if t.condition.cond_vqgan else {}},
+            "context": {"target": "taming_dist.context", "params": {"context_len": t.condition.context_len}}}
+    g = t.gpt
+    return {"model": {"base_learning_rate": cfg.train.optim.lr, "target": "taming.models.cond_transformer.Net2NetTransformer",
+                      "params": {"pkeep": t.pkeep, "cond_stage_key": "class_label" if t.condition.kind == "class" else "image",
+                                 "transformer_config": {"target": "taming.modules.transformer.mingpt.GPT", "params": {
+                                     "vocab_size": g.vocab_size, "block_size": g.block_size, "n_layer": g.n_layer,
+                                     "n_head": g.n_head, "n_embd": g.n_embd, "embd_pdrop": g.embd_pdrop,
+                                     "resid_pdrop": g.resid_pdrop, "attn_pdrop": g.attn_pdrop,
+                                     "n_unmasked": g.n_unmasked}},
+                                 "first_stage_config": {"target": "taming.models.vqgan.VQModel",
+                                                        "params": _original_vq_params(t.first_stage)},
+                                 "cond_stage_config": cond[t.condition.kind]}}}
+
+
+def write_taming(out: Path, kind: str, cfg: RunConfig, sd: dict) -> Path:
+    """The original Lightning layout: `model.ckpt` ({"state_dict": ...}) and `model.yaml`."""
+    sd = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+    if kind == "transformer":
+        block = cfg.transformer.gpt.block_size
+        mask = torch.tril(torch.ones(block, block)).view(1, 1, block, block)
+        for i in range(cfg.transformer.gpt.n_layer):
+            sd[f"transformer.blocks.{i}.attn.mask"] = mask.clone()
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "model.ckpt.tmp"
+    torch.save({"state_dict": sd, "global_step": 0}, tmp)
+    tmp.replace(out / "model.ckpt")
+    (out / "model.yaml").write_text(yaml.safe_dump(original_yaml(kind, cfg), sort_keys=False))
+    return out

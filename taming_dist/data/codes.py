@@ -1,0 +1,204 @@
+"""Stage-2 token shards: image shards encoded once by a trained VQGAN (as LlamaGen pre-extracts
+codes), so transformer training reads small integer arrays instead of decoding and encoding images.
+
+An output folder holds
+  codes-r{rank}-{i:06d}.tar  per input shard i: `<key>.codes.npy` ((h, w) int16, or int32 when
+                             n_embed > 32767), optionally `<key>.codes_flip.npy` (codes of the
+                             horizontally flipped image) and `<key>.cls`; keys are the image keys
+  done/<input shard>.json    written after its tar: a restarted extraction skips those shards
+  manifest.json              by rank 0 once every input shard is done (same fields as image shards,
+                             plus code_shape, n_embed, dtype, flip)
+
+Input shard i goes to rank i % world_size. Read it back with data.kind=codes (see stream.py).
+"""
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+from collections import Counter
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from .shards import read_manifest, tar_samples, write_json_atomic, write_manifest, write_tar
+from .stream import check_corrupt_fraction
+from .transforms import find_image_field, hflip_images, load_image, to_float
+
+FORMAT = "taming_dist.codes"
+CODES_NAME = "codes-r{rank}-{index:06d}.tar"
+DONE_DIR = "done"
+
+
+def code_dtype(n_embed: int) -> np.dtype:
+    """int16 holds codebooks up to 32767 entries (half of int32's disk and memory)."""
+    return np.dtype(np.int16) if n_embed <= np.iinfo(np.int16).max else np.dtype(np.int32)
+
+
+def _npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _source_folder(source) -> tuple[str, Optional[int], float]:
+    """(shard folder, image size or None, max corrupt fraction) for a DataConfig or a folder path."""
+    if isinstance(source, str):
+        return source, None, 0.01
+    if source.kind == "codes":
+        raise ValueError("extract_codes reads image shards; data.kind=codes is already codes")
+    if source.kind == "synthetic":
+        from .synthetic import ensure_synthetic
+
+        return ensure_synthetic(source), source.size, source.max_corrupt_fraction
+    return source.path, source.size, source.max_corrupt_fraction
+
+
+def _read_shard(url: str, size: int, max_fraction: float):
+    """(key, uint8 (3, size, size), label) of every readable sample of one shard, in tar order,
+    center-cropped; unreadable samples are counted in the returned Counter."""
+    errors = Counter()
+
+    def handler(exn: Exception) -> bool:
+        errors["shard_errors"] += 1
+        return True
+
+    def samples():
+        for sample in tar_samples([{"url": url}], handler):
+            errors["seen"] += 1
+            try:
+                label = int(sample["cls"])
+                ext = find_image_field(sample)
+                if ext is None:
+                    raise KeyError("no image field")
+                image = load_image(sample[ext], size)
+            except Exception as e:  # skip and count, as the training stream does
+                errors["corrupt"] += 1
+                check_corrupt_fraction(errors["corrupt"] + errors["shard_errors"], errors["seen"], max_fraction,
+                                       f"{url} sample {sample.get('__key__')}: {type(e).__name__}: {e}")
+                continue
+            yield sample["__key__"], image, label
+
+    return samples(), errors
+
+
+@torch.no_grad()
+def _encode_shard(vqgan, url: str, *, size: int, batch_size: int, flip: bool, device, dtype: np.dtype,
+                  max_fraction: float):
+    """Encode one input shard; returns (samples for write_tar, code shape, label Counter, error Counter)."""
+    stream, errors = _read_shard(url, size, max_fraction)
+    out, labels, shape = [], Counter(), None
+
+    def flush(batch):
+        nonlocal shape
+        x = to_float(torch.from_numpy(np.stack([b[1] for b in batch]))).to(device)
+        codes = vqgan.encode_to_indices(x).cpu().numpy().astype(dtype)  # (B, h, w)
+        codes_flip = vqgan.encode_to_indices(hflip_images(x)).cpu().numpy().astype(dtype) if flip else None
+        shape = list(codes.shape[1:])
+        for j, (key, _, label) in enumerate(batch):
+            sample = {"__key__": key, "codes.npy": _npy(codes[j]), "cls": str(label)}
+            if flip:
+                sample["codes_flip.npy"] = _npy(codes_flip[j])
+            out.append(sample)
+            labels[label] += 1
+
+    batch = []
+    for item in stream:
+        batch.append(item)
+        if len(batch) == batch_size:
+            flush(batch)
+            batch = []
+    if batch:
+        flush(batch)
+    return out, shape, labels, errors
+
+
+def _done_path(out: str, input_name: str) -> str:
+    return os.path.join(out, DONE_DIR, input_name + ".json")
+
+
+def extract_codes(vqgan, source, out: str, *, rank: int = 0, world_size: int = 1, batch_size: int = 32,
+                  flip: bool = False, device="cpu", size: Optional[int] = None, n_embed: Optional[int] = None,
+                  barrier: Callable[[], None] = lambda: None) -> dict:
+    """Encode the image shards of `source` (a DataConfig, or a shard folder with `size` given) into
+    code shards in `out`; this rank does input shards i with i % world_size == rank.
+
+    `vqgan` needs `encode_to_indices(x: (B, 3, S, S) in [-1, 1]) -> (B, h, w) long`. `n_embed` (the
+    codebook size, for the dtype) defaults to `vqgan.quantize.n_e`. `barrier` is called after this
+    rank's shards (pass the process group's barrier under torchrun); rank 0 then writes the manifest.
+    Returns {"written": [...], "skipped": [...], "manifest": dict or None (ranks other than 0)}.
+    """
+    folder, cfg_size, max_fraction = _source_folder(source)
+    size = size or cfg_size
+    if size is None:
+        raise ValueError("extract_codes from a shard folder needs size= (the image side the VQGAN was trained on)")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world size {world_size}")
+    if n_embed is None:
+        n_embed = int(vqgan.quantize.n_e)
+    dtype = code_dtype(n_embed)
+    source_manifest = read_manifest(folder)
+    inputs = [s["name"] for s in source_manifest["shards"]]
+    settings = {"size": size, "flip": flip, "n_embed": n_embed, "dtype": dtype.name}
+    os.makedirs(os.path.join(out, DONE_DIR), exist_ok=True)
+
+    was_training = vqgan.training
+    vqgan.eval()
+    written, skipped = [], []
+    try:
+        for i in range(rank, len(inputs), world_size):
+            done = _done_path(out, inputs[i])
+            if os.path.exists(done):
+                with open(done) as f:
+                    marker = json.load(f)
+                if marker["settings"] != settings:
+                    raise ValueError(f"{out} holds codes of {inputs[i]} extracted with {marker['settings']}, this run "
+                                     f"asks for {settings}; use a new output folder")
+                skipped.append(inputs[i])
+                continue
+            # A crash between the tar and its marker (maybe under another world size) leaves a tar
+            # without a marker: remove it so the folder holds one output per input shard.
+            for stale in glob.glob(os.path.join(out, CODES_NAME.format(rank="*", index=i))):
+                os.unlink(stale)
+            samples, shape, labels, errors = _encode_shard(
+                vqgan, os.path.join(folder, inputs[i]), size=size, batch_size=batch_size, flip=flip,
+                device=device, dtype=dtype, max_fraction=max_fraction)
+            name = CODES_NAME.format(rank=rank, index=i)
+            count, _ = write_tar(os.path.join(out, name), samples)
+            write_json_atomic(done, {"input": inputs[i], "output": name, "count": count, "code_shape": shape,
+                                     "labels": {str(k): v for k, v in labels.items()}, "settings": settings,
+                                     "corrupt": errors["corrupt"], "shard_errors": errors["shard_errors"]})
+            written.append(name)
+    finally:
+        vqgan.train(was_training)
+    barrier()
+    manifest = _write_codes_manifest(out, folder, inputs, source_manifest, settings) if rank == 0 else None
+    barrier()
+    return {"written": written, "skipped": skipped, "manifest": manifest}
+
+
+def _write_codes_manifest(out: str, folder: str, inputs: list[str], source_manifest: dict, settings: dict) -> dict:
+    missing = [n for n in inputs if not os.path.exists(_done_path(out, n))]
+    if missing:
+        raise ValueError(f"{len(missing)} of {len(inputs)} input shards have no codes in {out} (e.g. {missing[0]}); "
+                         f"a rank did not finish: run the extraction again, finished shards are skipped")
+    markers = []
+    for n in inputs:
+        with open(_done_path(out, n)) as f:
+            markers.append(json.load(f))
+    shapes = {tuple(m["code_shape"]) for m in markers if m["code_shape"]}
+    if len(shapes) > 1:
+        raise ValueError(f"code shards in {out} have different code shapes {sorted(shapes)}; use a new output folder")
+    labels = Counter()
+    for m in markers:
+        labels.update({int(k): v for k, v in m["labels"].items()})
+    class_names = source_manifest.get("class_names", [])
+    return write_manifest(
+        out, [{"name": m["output"], "count": m["count"]} for m in markers if m["count"]], class_names,
+        [labels.get(i, 0) for i in range(len(class_names))], format=FORMAT, source=os.path.abspath(folder),
+        code_shape=list(shapes.pop()) if shapes else [], image_size=settings["size"], n_embed=settings["n_embed"],
+        dtype=settings["dtype"], flip=settings["flip"],
+        corrupt=sum(m["corrupt"] for m in markers), shard_errors=sum(m["shard_errors"] for m in markers),
+    )

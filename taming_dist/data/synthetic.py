@@ -1,0 +1,249 @@
+"""The built-in default dataset: a dozen classes of shapes, textures and colour patterns.
+
+Deterministic (seeded numpy), generated on first use and written as PNG shards with a manifest
+into a cache folder, so training and tests need no download. Each class has one visual idea
+(a disk, stripes, rings, ...) with random position, scale, phase and colours, so a tiny
+class-conditional transformer's samples can be checked by eye against `examples.png`.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tempfile
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .images import save_grid
+from .shards import MANIFEST, SHARD_NAME, write_manifest, write_tar
+
+VERSION = "v1"
+SEED = 0
+
+# Render functions take (u, v, rng, S): pixel-centre coordinates in [0, 1] of shape (S, S), and return
+# the foreground coverage alpha in [0, 1] (S, S); colours are mixed in afterwards.
+_Renderer = Callable[[np.ndarray, np.ndarray, np.random.Generator, int], np.ndarray]
+
+
+def _coverage(sd: np.ndarray, size: int) -> np.ndarray:
+    """Signed distance (negative inside, in image units) -> anti-aliased coverage over about one pixel."""
+    return np.clip(0.5 - sd * size, 0.0, 1.0)
+
+
+def _wave(phase: np.ndarray, sharpness: float = 3.0) -> np.ndarray:
+    """A soft square wave in [0, 1] from an angle: stripes with slightly smoothed edges."""
+    return np.clip(0.5 + sharpness * np.sin(phase), 0.0, 1.0)
+
+
+def _circle(u, v, rng, s):
+    cx, cy = rng.uniform(0.32, 0.68, 2)
+    r = rng.uniform(0.17, 0.3)
+    return _coverage(np.hypot(u - cx, v - cy) - r, s)
+
+
+def _square(u, v, rng, s):
+    cx, cy = rng.uniform(0.32, 0.68, 2)
+    h = rng.uniform(0.15, 0.27)
+    return _coverage(np.maximum(abs(u - cx), abs(v - cy)) - h, s)
+
+
+def _triangle(u, v, rng, s):
+    # Upward triangle: intersection of three half-planes (max of signed edge distances).
+    cx, cy = rng.uniform(0.38, 0.62, 2)
+    r = rng.uniform(0.22, 0.34)  # circumradius
+    angles = np.pi / 2 + np.array([0.0, 2 * np.pi / 3, 4 * np.pi / 3])
+    xs, ys = cx + r * np.cos(angles), cy - r * np.sin(angles)  # image v grows downwards
+    sd = np.full(u.shape, -np.inf)
+    for i in range(3):
+        x0, y0, x1, y1 = xs[i], ys[i], xs[(i + 1) % 3], ys[(i + 1) % 3]
+        nx, ny = y1 - y0, -(x1 - x0)
+        norm = np.hypot(nx, ny)
+        # Orient the normal outwards (away from the centroid).
+        if (cx - x0) * nx + (cy - y0) * ny > 0:
+            nx, ny = -nx, -ny
+        sd = np.maximum(sd, ((u - x0) * nx + (v - y0) * ny) / norm)
+    return _coverage(sd, s)
+
+
+def _hstripes(u, v, rng, s):
+    period = rng.uniform(0.14, 0.28)
+    return _wave(2 * np.pi * (v / period + rng.uniform()))
+
+
+def _vstripes(u, v, rng, s):
+    period = rng.uniform(0.14, 0.28)
+    return _wave(2 * np.pi * (u / period + rng.uniform()))
+
+
+def _checkerboard(u, v, rng, s):
+    cells = rng.integers(3, 6)
+    ox, oy = rng.uniform(0, 1 / cells, 2)
+    return ((np.floor((u + ox) * cells) + np.floor((v + oy) * cells)) % 2).astype(np.float32)
+
+
+def _gradient(u, v, rng, s):
+    # A diagonal linear ramp from the background to the foreground colour.
+    angle = rng.choice([np.pi / 4, 3 * np.pi / 4, 5 * np.pi / 4, 7 * np.pi / 4]) + rng.uniform(-0.2, 0.2)
+    t = (u - 0.5) * np.cos(angle) + (v - 0.5) * np.sin(angle)
+    return np.clip(t / 1.2 + 0.5, 0.0, 1.0)
+
+
+def _rings(u, v, rng, s):
+    cx, cy = rng.uniform(0.35, 0.65, 2)
+    period = rng.uniform(0.11, 0.17)
+    return _wave(2 * np.pi * np.hypot(u - cx, v - cy) / period)
+
+
+def _dots(u, v, rng, s):
+    spacing = rng.uniform(0.22, 0.3)
+    radius = spacing * rng.uniform(0.22, 0.3)
+    ox, oy = rng.uniform(0, spacing, 2)
+    du = (u + ox) % spacing - spacing / 2
+    dv = (v + oy) % spacing - spacing / 2
+    return _coverage(np.hypot(du, dv) - radius, s)
+
+
+def _cross(u, v, rng, s):
+    cx, cy = rng.uniform(0.4, 0.6, 2)
+    arm, half = rng.uniform(0.28, 0.38), rng.uniform(0.06, 0.09)
+    du, dv = abs(u - cx), abs(v - cy)
+    sd = np.minimum(np.maximum(du - arm, dv - half), np.maximum(du - half, dv - arm))
+    return _coverage(sd, s)
+
+
+def _blobs(u, v, rng, s):
+    # Smooth random field: bicubic upsampling of a 5x5 grid of noise, thresholded at its median.
+    field = rng.standard_normal((5, 5)).astype(np.float32)
+    img = np.asarray(Image.fromarray(field, mode="F").resize((s, s), Image.BICUBIC))
+    return np.clip((img - np.median(img)) * 4.0 + 0.5, 0.0, 1.0)
+
+
+def _framed(u, v, rng, s):
+    # A solid fill (the background colour) inside a border of the foreground colour.
+    width = rng.uniform(0.1, 0.16)
+    edge = np.minimum(np.minimum(u, 1 - u), np.minimum(v, 1 - v))
+    return _coverage(width - edge, s)
+
+
+CLASSES: tuple[tuple[str, _Renderer], ...] = (
+    ("circle", _circle),
+    ("square", _square),
+    ("triangle", _triangle),
+    ("horizontal_stripes", _hstripes),
+    ("vertical_stripes", _vstripes),
+    ("checkerboard", _checkerboard),
+    ("diagonal_gradient", _gradient),
+    ("concentric_rings", _rings),
+    ("dots", _dots),
+    ("cross", _cross),
+    ("noise_blobs", _blobs),
+    ("framed_solid", _framed),
+)
+CLASS_NAMES = tuple(name for name, _ in CLASSES)
+
+
+def _colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Foreground and background colours at least 0.6 apart (RGB in [0, 1]) so the pattern stays visible."""
+    bg = rng.uniform(0.0, 1.0, 3)
+    while True:
+        fg = rng.uniform(0.0, 1.0, 3)
+        if np.linalg.norm(fg - bg) > 0.6:
+            return fg.astype(np.float32), bg.astype(np.float32)
+
+
+def render(label: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """One image of class `label` as uint8 (size, size, 3)."""
+    c = (np.arange(size, dtype=np.float32) + 0.5) / size
+    u, v = np.meshgrid(c, c)  # u: x (column), v: y (row)
+    alpha = CLASSES[label][1](u, v, rng, size).astype(np.float32)[..., None]
+    fg, bg = _colours(rng)
+    img = alpha * fg + (1 - alpha) * bg
+    return (img * 255 + 0.5).astype(np.uint8)
+
+
+def generate(n: int, size: int, classes: int, seed: int = SEED) -> tuple[np.ndarray, np.ndarray]:
+    """`n` images (n, size, size, 3) uint8 and their labels (n,), classes balanced and shuffled.
+    Image i depends only on (seed, i), so any prefix or subset is reproducible on its own."""
+    if not 1 <= classes <= len(CLASSES):
+        raise ValueError(f"data.synthetic_classes {classes} must be between 1 and {len(CLASSES)}")
+    if not 16 <= size <= 256:
+        raise ValueError(f"synthetic images are drawn at 16 to 256 px, data.size is {size}")
+    if n < 1:
+        raise ValueError(f"data.synthetic_samples must be >= 1, got {n}")
+    labels = np.random.default_rng([seed, 1]).permutation(np.arange(n) % classes)
+    images = np.stack([render(int(labels[i]), size, np.random.default_rng([seed, 2, i])) for i in range(n)])
+    return images, labels.astype(np.int64)
+
+
+def _shard_count(n: int) -> int:
+    """32 shards for the default 4096 samples: divisible by every ranks x workers product up to 32
+    (epoch mode needs that) and enough shards for resampled streams to mix."""
+    return max(1, min(32, n // 64))
+
+
+def cache_root() -> str:
+    return os.environ.get("TAMING_DIST_CACHE") or os.path.join(os.getcwd(), ".cache", "taming_dist")
+
+
+def _write(folder: str, images: np.ndarray, labels: np.ndarray, classes: int) -> None:
+    n = len(images)
+    nshards = _shard_count(n)
+    bounds = np.linspace(0, n, nshards + 1).astype(int)
+    shards = []
+    for s in range(nshards):
+        def samples(lo=bounds[s], hi=bounds[s + 1]):
+            for i in range(lo, hi):
+                buf = io.BytesIO()
+                Image.fromarray(images[i]).save(buf, format="PNG", compress_level=1)
+                meta = {"source": f"synthetic/{CLASS_NAMES[labels[i]]}/{i}", "width": images.shape[2],
+                        "height": images.shape[1]}
+                yield {"__key__": f"{i:08d}", "png": buf.getvalue(), "cls": str(int(labels[i])),
+                       "json": json.dumps(meta, sort_keys=True)}
+
+        name = SHARD_NAME.format(s)
+        count, nbytes = write_tar(os.path.join(folder, name), samples())
+        shards.append({"name": name, "count": count, "bytes": nbytes})
+    # One row of examples per class (as many as the rarest class has, up to 8).
+    per_row = min(8, int(np.bincount(labels, minlength=classes).min()))
+    grid = [images[i] for c in range(classes) for i in np.flatnonzero(labels == c)[:per_row]]
+    grid_t = torch.from_numpy(np.stack(grid)).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+    save_grid(grid_t, os.path.join(folder, "examples.png"), nrow=per_row)
+    write_manifest(folder, shards, list(CLASS_NAMES[:classes]), np.bincount(labels, minlength=classes).tolist(),
+                   source=f"synthetic-{VERSION}", seed=SEED, image_size=int(images.shape[1]))
+
+
+def ensure_synthetic(cfg, cache_dir: Optional[str] = None) -> str:
+    """The folder of the synthetic dataset for `cfg` (a DataConfig: size, synthetic_samples,
+    synthetic_classes), generated on first use.
+
+    Several processes (ranks) may call this at once: each writes into its own temporary folder and
+    renames it into place; a process that loses the race discards its copy and uses the winner's.
+    """
+    size, n, classes = cfg.size, cfg.synthetic_samples, cfg.synthetic_classes
+    if n < classes:
+        raise ValueError(f"data.synthetic_samples {n} must be at least data.synthetic_classes {classes} "
+                         f"(one example per class)")
+    root = cache_dir or cache_root()
+    folder = os.path.join(root, f"synthetic-{size}-{n}-{classes}-{VERSION}")
+    if os.path.exists(os.path.join(folder, MANIFEST)):
+        return folder
+    images, labels = generate(n, size, classes)
+    os.makedirs(root, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".tmp-synthetic-{os.getpid()}-", dir=root)
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp creates 0700; the cache may be shared
+        _write(tmp, images, labels, classes)
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            # Another process renamed its finished copy into place first.
+            if not os.path.exists(os.path.join(folder, MANIFEST)):
+                raise
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+    return folder

@@ -1,0 +1,91 @@
+"""The built-in synthetic dataset: deterministic, all classes, distinct classes, cached once under races."""
+import multiprocessing
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from taming_dist.config import DataConfig
+from taming_dist.data.shards import read_manifest, verify_shards
+from taming_dist.data.synthetic import CLASS_NAMES, ensure_synthetic, generate
+
+
+def test_generate_is_deterministic_and_balanced():
+    x1, y1 = generate(120, 32, 12)
+    x2, y2 = generate(120, 32, 12)
+    assert x1.shape == (120, 32, 32, 3) and x1.dtype == np.uint8
+    assert np.array_equal(x1, x2) and np.array_equal(y1, y2)
+    assert np.bincount(y1, minlength=12).tolist() == [10] * 12
+    x3, _ = generate(120, 32, 12, seed=1)
+    assert not np.array_equal(x1, x3)
+    _, y5 = generate(50, 16, 5)
+    assert set(y5.tolist()) == set(range(5))
+
+
+def test_classes_are_distinguishable():
+    """A nearest-centroid classifier on translation-invariant features (per-channel FFT magnitude,
+    colour-agnostic) separates the classes far above chance (1/12): each class has its own look."""
+    x, y = generate(960, 32, 12)
+    g = x.astype(np.float32)
+    g -= g.mean((1, 2), keepdims=True)
+    f = np.abs(np.fft.fft2(g, axes=(1, 2))).sum(-1).reshape(len(x), -1)
+    f /= np.linalg.norm(f, axis=1, keepdims=True) + 1e-6
+    train, test = slice(0, 480), slice(480, None)
+    centroids = np.stack([f[train][y[train] == c].mean(0) for c in range(12)])
+    accuracy = ((f[test] @ centroids.T).argmax(1) == y[test]).mean()
+    assert accuracy > 0.75
+
+
+def test_ensure_synthetic_writes_shards_once(tmp_path):
+    cfg = DataConfig(size=32, synthetic_samples=240, synthetic_classes=12)
+    folder = ensure_synthetic(cfg, cache_dir=str(tmp_path))
+    assert os.path.basename(folder) == "synthetic-32-240-12-v1"
+    m = read_manifest(folder)
+    assert m["total"] == 240 and m["class_names"] == list(CLASS_NAMES) and m["class_counts"] == [20] * 12
+    assert verify_shards(folder).ok
+    with Image.open(os.path.join(folder, "examples.png")) as grid:
+        assert grid.size == (8 * 34 + 2, 12 * 34 + 2)  # 8 examples per class row, 2 px padding
+    stamp = os.path.getmtime(os.path.join(folder, "manifest.json"))
+    assert ensure_synthetic(cfg, cache_dir=str(tmp_path)) == folder
+    assert os.path.getmtime(os.path.join(folder, "manifest.json")) == stamp
+
+
+def test_env_cache_dir_and_validation(tmp_path, monkeypatch):
+    monkeypatch.setenv("TAMING_DIST_CACHE", str(tmp_path / "envcache"))
+    folder = ensure_synthetic(DataConfig(size=16, synthetic_samples=24, synthetic_classes=3))
+    assert folder.startswith(str(tmp_path / "envcache"))
+    with pytest.raises(ValueError, match="synthetic_classes 13"):
+        ensure_synthetic(DataConfig(synthetic_classes=13))
+
+
+def _call(cache_dir):
+    return ensure_synthetic(DataConfig(size=16, synthetic_samples=600, synthetic_classes=12), cache_dir=cache_dir)
+
+
+def test_concurrent_first_use(tmp_path):
+    """Three processes generate at once: all get the same complete folder and no temp folder remains."""
+    with multiprocessing.get_context("fork").Pool(3) as pool:
+        folders = pool.map(_call, [str(tmp_path)] * 3)
+    assert len(set(folders)) == 1
+    assert read_manifest(folders[0])["total"] == 600
+    assert sorted(os.listdir(tmp_path)) == ["synthetic-16-600-12-v1"]
+
+
+def test_losing_the_race_uses_the_winners_folder(tmp_path, monkeypatch):
+    import taming_dist.data.synthetic as syn
+
+    cfg = DataConfig(size=16, synthetic_samples=24, synthetic_classes=4)
+    real_write = syn._write
+
+    def write_while_another_process_finishes_first(folder, *args):
+        real_write(folder, *args)
+        monkeypatch.setattr(syn, "_write", real_write)
+        winner = syn.ensure_synthetic(cfg, cache_dir=str(tmp_path))
+        with open(os.path.join(winner, "winner"), "w") as f:
+            f.write("x")
+
+    monkeypatch.setattr(syn, "_write", write_while_another_process_finishes_first)
+    folder = syn.ensure_synthetic(cfg, cache_dir=str(tmp_path))
+    assert os.path.exists(os.path.join(folder, "winner"))
+    assert os.listdir(tmp_path) == ["synthetic-16-24-4-v1"]

@@ -1,0 +1,128 @@
+"""The single-process engine and the checkpoint manager on a small module (fast)."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from taming_dist.checkpoint.manager import CheckpointManager
+from taming_dist.config import EngineConfig, OptimConfig
+from taming_dist.engines import DistEnv, build_engine, lr_lambda_for
+
+
+def _engine(**kw):
+    return build_engine(EngineConfig(kind="single", **kw), DistEnv(), torch.device("cpu"))
+
+
+def _unit(engine, ema=0.0, clip=0.0):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 1))
+    oc = OptimConfig(lr=0.1, betas=[0.9, 0.99], weight_decay=0.1, grad_clip=clip)
+    return engine.setup(m, name="m", optim=oc, lr=oc.lr, lr_lambda=lr_lambda_for(oc, 10), ema_decay=ema)
+
+
+def _train(engine, unit, steps, clip=0.0):
+    out = []
+    for i in range(steps):
+        x = torch.randn(16, 4, generator=torch.Generator().manual_seed(i))
+        loss = unit.module(x).pow(2).mean()
+        engine.backward(unit, loss)
+        out.append(engine.step(unit, clip))
+    return out
+
+
+def test_lr_schedules():
+    f = lr_lambda_for(OptimConfig(warmup_steps=4, schedule="cosine", min_lr_ratio=0.1), 104)
+    assert f(0) == pytest.approx(0.25) and f(3) == pytest.approx(1.0)
+    assert f(4) == pytest.approx(1.0) and f(54) == pytest.approx(0.55) and f(104) == pytest.approx(0.1)
+    assert lr_lambda_for(OptimConfig(), 10)(7) == 1.0
+    with pytest.raises(ValueError, match="schedule 'linear'"):
+        lr_lambda_for(OptimConfig(schedule="linear"), 10)
+
+
+def test_weight_decay_groups_skip_norms_and_biases():
+    e = _engine()
+    u = _unit(e)
+    groups = u.optimizer.param_groups
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
+    assert all(p.ndim == 2 for p in groups[0]["params"]) and len(groups[0]["params"]) == 2
+
+
+def test_clipping_uses_global_norm():
+    e = _engine()
+    u = _unit(e)
+    e.backward(u, u.module(torch.randn(16, 4) * 100).pow(2).mean())
+    norm = float(e.grad_norm(u))
+    assert norm > 1.0
+    expected = [p.grad.clone() / (norm + 1e-6) for p in u.raw.parameters()]
+    seen = []
+    real_step = u.optimizer.step
+    u.optimizer.step = lambda: seen.extend(p.grad.clone() for p in u.raw.parameters())
+    try:
+        stats = e.step(u, grad_clip=1.0)
+    finally:
+        u.optimizer.step = real_step
+    assert stats["grad_norm"] == pytest.approx(norm)
+    for g, x in zip(seen, expected):
+        torch.testing.assert_close(g, x)
+
+
+def test_non_finite_gradients_skip_the_step():
+    e = _engine()
+    u = _unit(e)
+    before = [p.detach().clone() for p in u.raw.parameters()]
+    loss = u.module(torch.randn(2, 4)).sum() * float("nan")
+    e.backward(u, loss)
+    stats = e.step(u)
+    assert stats["skipped"] and math.isnan(stats["grad_norm"])
+    for b, p in zip(before, u.raw.parameters()):
+        assert torch.equal(b, p)
+    assert u.scheduler.last_epoch == 0  # the schedule did not advance either
+
+
+def test_ema_tracks_parameters():
+    e = _engine()
+    u = _unit(e, ema=0.5)
+    p0 = {n: p.detach().clone() for n, p in u.raw.named_parameters()}
+    _train(e, u, 1)
+    for n, p in u.raw.named_parameters():
+        torch.testing.assert_close(u.ema[n], 0.5 * p0[n] + 0.5 * p.detach())
+
+
+def test_fp16_needs_cuda_message():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: fp16 is allowed")
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        _engine(precision="fp16")
+
+
+def test_checkpoint_roundtrip_and_keep_last(tmp_path):
+    e = _engine()
+    u = _unit(e, ema=0.9)
+    mgr = CheckpointManager(tmp_path / "ck", e, keep_last=2)
+    _train(e, u, 2)
+    for step in (2, 3, 4):
+        path = mgr.save(step, {"m": u}, {"note": 1}, {"data": {"epoch": 0, "batches": step}})
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["latest", "step_000003", "step_000004"]
+    assert mgr.latest() == path
+    state = {n: p.detach().clone() for n, p in u.raw.named_parameters()}
+    ema = {n: t.clone() for n, t in u.ema.items()}
+    rng_next = torch.rand(3)
+    ref = _train(e, u, 2)
+    e2 = _engine()
+    u2 = _unit(e2, ema=0.9)
+    meta, extra = CheckpointManager(tmp_path / "ck", e2).load(path, {"m": u2})
+    assert meta["step"] == 4 and meta["note"] == 1 and extra["data"]["batches"] == 4
+    assert torch.equal(torch.rand(3), rng_next)  # RNG restored
+    for n, p in u2.raw.named_parameters():
+        assert torch.equal(p, state[n]) and torch.equal(u2.ema[n], ema[n])
+    again = _train(e2, u2, 2)
+    assert [r["grad_norm"] for r in ref] == [r["grad_norm"] for r in again]  # optimizer state restored
+
+
+def test_incomplete_pointer_target_is_reported(tmp_path):
+    e = _engine()
+    (tmp_path / "ck" / "step_000001").mkdir(parents=True)
+    (tmp_path / "ck" / "latest").write_text("step_000001")
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        CheckpointManager(tmp_path / "ck", e).latest()

@@ -20,6 +20,8 @@ COMMANDS = {
     "import-taming": "import_taming",
     "convert": "convert",
     "shard": "shard",
+    "extract-codes": "extract_codes",
+    "export": "export",
 }
 
 

@@ -4,7 +4,7 @@ Run under torchrun (world size 2 on this machine's CPU; 8 GPUs on a node the sam
   .venv/bin/torchrun --nproc_per_node 2 tools/bench_train.py --stage transformer
   .venv/bin/torchrun --nproc_per_node 2 tools/bench_train.py --stage vqgan
 Prints one row per engine: step time, images/s or tokens/s, and the state bytes per rank, with
-the ratio to DDP's. Uses the harness' fixed batches (tests/distributed/harness.py) and fp32.
+the ratio to DDP's. Uses the harness' fixed batches (tests/distributed/harness.py); bf16 by default.
 """
 from __future__ import annotations
 
@@ -25,9 +25,9 @@ from taming_dist.train.loop import build_task, grad_accum_steps  # noqa: E402
 ENGINES = [("ddp", 2), ("fsdp", 2), ("deepspeed", 1), ("deepspeed", 2), ("deepspeed", 3)]
 
 
-def bench(stage, kind, zero, env, device, steps, size_args):
+def bench(stage, kind, zero, env, device, steps, size_args, precision):
     micro = GLOBAL_BATCH // env.world_size
-    cfg = make_cfg(stage, kind, zero, "fp32", False, micro, extra=tuple(size_args))
+    cfg = make_cfg(stage, kind, zero, precision, False, micro, extra=tuple(size_args))
     torch.manual_seed(0)
     engine = build_engine(cfg.engine, env, device)
     task = build_task(cfg, engine, grad_accum_steps(cfg, env.world_size))
@@ -54,6 +54,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--stage", default="transformer", choices=["vqgan", "transformer"])
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"])
     ap.add_argument("--set", nargs="*", default=None, help="config overrides (model size), key=value")
     args = ap.parse_args()
     size = args.set if args.set is not None else (
@@ -63,12 +64,13 @@ def main():
     device = init_distributed(env)
     rows = []
     for kind, zero in ENGINES:
-        dt, work, mem = bench(args.stage, kind, zero, env, device, args.steps, size)
+        dt, work, mem = bench(args.stage, kind, zero, env, device, args.steps, size, args.precision)
         rows.append((f"{kind}" + (f" zero-{zero}" if kind == "deepspeed" else ""), dt, work / dt, mem))
     if env.rank == 0:
         unit = "tokens/s" if args.stage == "transformer" else "images/s"
         ddp_total = sum(rows[0][3].values())
-        print(f"stage={args.stage} world_size={env.world_size} global_batch={GLOBAL_BATCH} sizes={size} device={device}")
+        print(f"stage={args.stage} precision={args.precision} world_size={env.world_size} "
+              f"global_batch={GLOBAL_BATCH} sizes={size} device={device}")
         print(f"{'engine':<14}{'step s':>9}{unit:>12}{'params MiB':>12}{'grads MiB':>11}{'optim MiB':>11}"
               f"{'total MiB':>11}{'vs DDP':>8}")
         for name, dt, rate, mem in rows:

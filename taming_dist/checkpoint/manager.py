@@ -127,10 +127,12 @@ class CheckpointManager:
             if u.scaler is not None and n in meta.get("scalers", {}):
                 u.scaler.load_state_dict(meta["scalers"][n])
         rank_file = path / f"rank_{eng.env.rank:05d}.pt"
-        if meta["world_size"] != eng.world_size or not rank_file.exists():
-            # Another world size: the weights and optimizer were resharded by DCP; per-rank RNG and
-            # data positions cannot map one-to-one, so streams restart at the saved step's epoch.
-            return meta, {}
+        if meta["world_size"] != eng.world_size:
+            # Another world size: weights and optimizer were resharded by DCP; RNG streams cannot
+            # map one-to-one. The data stream continues at rank 0's epoch and batch count (the
+            # stream layout changed, so these are not exactly the samples the old ranks would see).
+            first = torch.load(path / "rank_00000.pt", weights_only=True)
+            return meta, {"data": first["data"]} if "data" in first else {}
         extra = torch.load(rank_file, weights_only=True)
         set_rng_state(extra.pop("rng"))
         return meta, extra

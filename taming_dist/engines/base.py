@@ -100,6 +100,15 @@ class Engine:
                 t /= self.env.world_size
         return t
 
+    def mean_over_ranks(self, stats: dict[str, float]) -> dict[str, float]:
+        """Average logged scalars across ranks (one collective), so logs describe the global batch."""
+        if not self.env.is_distributed or not stats:
+            return stats
+        keys = sorted(stats)
+        t = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=self.device)
+        self.all_reduce(t, "mean")
+        return dict(zip(keys, t.tolist()))
+
     def broadcast_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """In-place broadcast from rank 0, handed to model code (dead-code restarts)."""
 
@@ -220,13 +229,12 @@ class Engine:
             unit.ema[n].lerp_(t.detach().float(), 1.0 - unit.ema_decay)
 
     def state_bytes(self, unit: Unit) -> dict[str, int]:
-        """Bytes this rank holds for the unit's parameters, gradients and optimizer state."""
+        """Bytes this rank holds for the unit's parameters, gradients (one per local parameter
+        element, in the parameter's dtype, as during backward) and optimizer state."""
         params = sum(local_tensor(p).numel() * p.element_size() for _, p in self.local_params(unit))
-        grads = sum(local_tensor(p.grad).numel() * p.grad.element_size() for _, p in self.local_params(unit)
-                    if p.grad is not None)
         optim = sum(local_tensor(v).numel() * v.element_size() for st in unit.optimizer.state.values()
                     for v in st.values() if torch.is_tensor(v) and v.ndim > 0)
-        return {"params": params, "grads": grads, "optim": optim}
+        return {"params": params, "grads": params, "optim": optim}
 
     def lr(self, unit: Unit) -> float:
         return unit.optimizer.param_groups[0]["lr"]

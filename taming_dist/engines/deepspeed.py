@@ -30,6 +30,18 @@ def init_deepspeed_comm(device: torch.device) -> None:
     deepspeed.init_distributed(dist_backend=dist.get_backend())
 
 
+def _register_table_reads(module: torch.nn.Module) -> None:
+    """ZeRO-3 gathers a module's parameters only when that module's forward runs. Codebooks are
+    nn.Embedding children whose `.weight` the parent reads as a table (distances, lookups), so
+    they are registered as external parameters of the parent to be gathered with it."""
+    import deepspeed
+
+    for parent in module.modules():
+        for child in parent.children():
+            if isinstance(child, torch.nn.Embedding):
+                deepspeed.zero.register_external_parameter(parent, child.weight)
+
+
 class DeepSpeedEngine(Engine):
     kind = "deepspeed"
 
@@ -64,6 +76,8 @@ class DeepSpeedEngine(Engine):
             model=module, optimizer=optimizer,
             config=self.ds_config(micro_batch_size, grad_accum, optim.grad_clip),
         )
+        if self._partitioned():
+            _register_table_reads(ds_engine.module)
         if self.cfg.compile:
             ds_engine.compile()
         return Unit(name, raw=ds_engine.module, module=ds_engine, optimizer=ds_opt, scheduler=scheduler)
@@ -97,9 +111,9 @@ class DeepSpeedEngine(Engine):
         return {"grad_norm": norm, "skipped": not applied}
 
     def state_bytes(self, unit):
-        """ZeRO's per-rank state: the (partitioned at stage 3) module parameters, the gradient
-        partition (stage 2/3; the full gradients at stage 1) and the optimizer's fp32 master
-        partition plus its moments, read from the ZeRO optimizer."""
+        """ZeRO's per-rank state: the (partitioned at stage 3) module parameters, the gradients
+        in the training dtype (partitioned at stage 2/3, full at stage 1) and the optimizer's fp32
+        master partition plus its moments, read from the ZeRO optimizer."""
         opt = unit.optimizer
         params = sum(t.numel() * t.element_size() for _, t in self.local_params(unit))
         inner = getattr(opt, "optimizer", opt)
@@ -109,7 +123,7 @@ class DeepSpeedEngine(Engine):
         master = sum(t.numel() * t.element_size() for t in masters)
         full = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in unit.raw.parameters() if p.requires_grad)
         grad_numel = full if self.cfg.zero_stage == 1 else sum(t.numel() for t in masters)
-        return {"params": params, "grads": grad_numel * 4, "optim": moments + master}
+        return {"params": params, "grads": grad_numel * self.dtype.itemsize, "optim": moments + master}
 
     def lr(self, unit):
         return unit.scheduler.get_last_lr()[0]

@@ -64,11 +64,11 @@ class TransformerTask:
                     return {"skipped": 1.0}
                 eng.backward(self.G, loss / n, last_micro_step=last)
             for k, v in {"loss": loss, **logs}.items():
-                stats[k] = stats.get(k, 0.0) + float(v) / n
+                stats[k] = stats.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) / n
         stats.update(eng.step(self.G, self.cfg.train.optim.grad_clip))
         stats["skipped"] = float(stats.pop("skipped"))
         stats["lr"] = eng.lr(self.G)
-        return stats
+        return eng.mean_over_ranks(stats)
 
     def _conditions(self, batch: dict, count: int):
         kind = self.cfg.transformer.condition.kind

@@ -140,7 +140,7 @@ class VQGANTask:
                 _accumulate(stats, dlogs, n)
             stats.update({f"d_{k}": v for k, v in eng.step(self.D, self.cfg.train.disc_optim.grad_clip).items()})
         stats["skipped"] = float(stats.get("g_skipped", 0.0) or stats.get("d_skipped", 0.0))
-        return stats
+        return eng.mean_over_ranks(stats)
 
     @torch.no_grad()
     def save_images(self, batch: dict, step: int, folder: Path) -> list[Path]:

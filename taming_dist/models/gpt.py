@@ -1,0 +1,242 @@
+"""minGPT as used by taming's Net2NetTransformer (Karpathy's minGPT, CompVis fork), with a KV cache
+and optional cross-attention. Parameter names match original checkpoints
+(shared/spec/layouts/net2net_drin.txt, `transformer.*`), except that the causal mask is rebuilt
+from `block_size` instead of stored: a stored `attn.mask` buffer is accepted and dropped on load.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from taming_dist.config.schema import GPTConfig
+
+
+class LayerCache:
+    """One block's keys/values for incremental decoding: self-attention buffers (B, nh, max_len, hs),
+    allocated on the first write in the dtype the layer computes in (so autocast and bf16 parameters
+    need no special case), and the cross-attention keys/values of the context, computed once."""
+
+    def __init__(self, max_len: int):
+        self.max_len = max_len
+        self.k: Optional[torch.Tensor] = None
+        self.v: Optional[torch.Tensor] = None
+        self.cross: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    def write(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, nh, T, hs) at positions start..start+T-1; return all keys/values so far."""
+        B, nh, T, hs = k.shape
+        if self.k is None:
+            self.k = k.new_empty(B, nh, self.max_len, hs)  # (B, nh, max_len, hs)
+            self.v = v.new_empty(B, nh, self.max_len, hs)
+        elif self.k.shape[0] != B:
+            raise ValueError(f"the KV cache was filled with batch size {self.k.shape[0]}, got {B}; "
+                             "make a new cache for a new batch")
+        self.k[:, :, start:start + T] = k
+        self.v[:, :, start:start + T] = v
+        return self.k[:, :, :start + T], self.v[:, :, :start + T]  # (B, nh, start+T, hs)
+
+
+class KVCache:
+    """Keys/values of every block for the tokens fed so far; `length` is the next position."""
+
+    def __init__(self, n_layer: int, max_len: int):
+        self.max_len = max_len
+        self.length = 0
+        self.layers = [LayerCache(max_len) for _ in range(n_layer)]
+
+
+def attention_mask(start: int, T: int, n_unmasked: int, device) -> tuple[Optional[torch.Tensor], bool]:
+    """(boolean mask (T, start+T) or None, is_causal) for queries at positions start..start+T-1.
+
+    minGPT's mask is lower-triangular with the top-left n_unmasked x n_unmasked block set to 1: the
+    first n_unmasked positions (e.g. conditioning tokens) see each other bidirectionally.
+    """
+    if T == 1 and start >= n_unmasked:
+        return None, False  # one new query at the end sees every cached key
+    if start == 0 and n_unmasked == 0:
+        return None, True
+    i = torch.arange(start, start + T, device=device)[:, None]
+    j = torch.arange(start + T, device=device)[None, :]
+    allowed = j <= i
+    if n_unmasked > 0:
+        allowed = allowed | ((i < n_unmasked) & (j < n_unmasked))
+    return allowed, False
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.key = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.query = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.value = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.attn_pdrop = cfg.attn_pdrop
+        self.resid_drop = nn.Dropout(cfg.resid_pdrop)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Original checkpoints store the causal mask as a buffer `attn.mask` (1, 1, block, block);
+        # it carries nothing `block_size`/`n_unmasked` do not, so drop it and load strictly.
+        state_dict.pop(prefix + "mask", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        B, T, C = t.shape
+        return t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool,
+                kv: Optional[LayerCache] = None, start: int = 0) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
+        if kv is not None:
+            k, v = kv.write(start, k, v)  # (B, nh, start+T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                           dropout_p=self.attn_pdrop if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.resid_drop(self.proj(y))
+
+
+class CrossAttention(nn.Module):
+    """Queries from the token stream, keys/values from a conditioning sequence (B, L, context_dim)."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.query = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.key = nn.Linear(cfg.context_dim, cfg.n_embd)
+        self.value = nn.Linear(cfg.context_dim, cfg.n_embd)
+        self.attn_pdrop = cfg.attn_pdrop
+        self.resid_drop = nn.Dropout(cfg.resid_pdrop)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        B, L, C = t.shape
+        return t.view(B, L, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, L, hs)
+
+    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor], kv: Optional[LayerCache] = None) -> torch.Tensor:
+        B, T, C = x.shape
+        if kv is not None and kv.cross is not None:
+            k, v = kv.cross
+        else:
+            if context is None:
+                raise ValueError("cross-attention needs `context` (B, L, context_dim) on the first call")
+            k, v = self._heads(self.key(context)), self._heads(self.value(context))  # (B, nh, L, hs)
+            if kv is not None:
+                kv.cross = (k, v)
+        q = self._heads(self.query(x))  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_pdrop if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_drop(self.proj(y))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm block: x + attn(ln1(x)) [+ cross_attn(ln_cross(x), context)] + mlp(ln2(x))."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.n_embd)
+        self.ln2 = nn.LayerNorm(cfg.n_embd)
+        self.attn = CausalSelfAttention(cfg)
+        if cfg.cross_attention:
+            self.ln_cross = nn.LayerNorm(cfg.n_embd)
+            self.cross_attn = CrossAttention(cfg)
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.n_embd, 4 * cfg.n_embd),
+            nn.GELU(),
+            nn.Linear(4 * cfg.n_embd, cfg.n_embd),
+            nn.Dropout(cfg.resid_pdrop),
+        )
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = True,
+                context: Optional[torch.Tensor] = None, kv: Optional[LayerCache] = None, start: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), attn_mask, is_causal, kv, start)
+        if hasattr(self, "cross_attn"):
+            x = x + self.cross_attn(self.ln_cross(x), context, kv)
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(nn.Module):
+    """idx (B, T) token ids -> logits (B, T, vocab_size)."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        cfg.validate()
+        if not 0 <= cfg.n_unmasked <= cfg.block_size:
+            raise ValueError(f"gpt.n_unmasked {cfg.n_unmasked} must lie in [0, block_size {cfg.block_size}]")
+        self.config = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.pos_emb = nn.Parameter(torch.zeros(1, cfg.block_size, cfg.n_embd))
+        self.drop = nn.Dropout(cfg.embd_pdrop)
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
+        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        # Engines flip this switch (rather than wrapping blocks) so state_dict keys never change.
+        self.grad_checkpointing = False
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        # minGPT's init; pos_emb stays at zero as in the original.
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            module.weight.data.normal_(mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                module.bias.data.zero_()
+        elif isinstance(module, nn.LayerNorm):
+            module.bias.data.zero_()
+            module.weight.data.fill_(1.0)
+
+    def make_cache(self, max_len: Optional[int] = None) -> KVCache:
+        """An empty cache for up to `max_len` positions (block_size by default)."""
+        max_len = self.config.block_size if max_len is None else max_len
+        if not 0 < max_len <= self.config.block_size:
+            raise ValueError(f"cache length {max_len} must lie in [1, block_size {self.config.block_size}]")
+        return KVCache(self.config.n_layer, max_len)
+
+    def forward(self, idx: torch.Tensor, context: Optional[torch.Tensor] = None,
+                cache: Optional[KVCache] = None) -> torch.Tensor:
+        """With `cache`, `idx` holds only the new tokens: positions continue from `cache.length`,
+        and the cross-attention context is read once, on the cache's first call."""
+        cfg = self.config
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        limit = cache.max_len if cache is not None else cfg.block_size
+        if start + T > limit:
+            raise ValueError(f"{start} cached + {T} new tokens exceed the "
+                             f"{'cache length' if cache is not None else 'block_size'} {limit}")
+        if context is not None and not cfg.cross_attention:
+            raise ValueError("a context was given but gpt.cross_attention is false")
+        if cache is not None and 0 < cfg.n_unmasked and start < cfg.n_unmasked and (start > 0 or T < cfg.n_unmasked):
+            raise ValueError(f"with n_unmasked={cfg.n_unmasked} the first cached call must feed at least the "
+                             f"{cfg.n_unmasked} bidirectional positions at once (got {T} tokens at position {start})")
+        attn_mask, is_causal = attention_mask(start, T, cfg.n_unmasked, idx.device)
+        x = self.drop(self.tok_emb(idx) + self.pos_emb[:, start:start + T])  # (B, T, C)
+        use_ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled() and cache is None
+        for i, block in enumerate(self.blocks):
+            if use_ckpt:
+                x = checkpoint(block, x, attn_mask, is_causal, context, use_reentrant=False)
+            else:
+                x = block(x, attn_mask, is_causal, context, cache.layers[i] if cache is not None else None, start)
+        if cache is not None:
+            cache.length = start + T
+        return self.head(self.ln_f(x))  # (B, T, vocab_size)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count; `non_embedding` leaves out the lookup tables (tok_emb, pos_emb), which
+        cost no FLOPs."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.tok_emb.weight.numel() + self.pos_emb.numel()
+        return n
+
+    def flops_per_token(self, seq_len: Optional[int] = None, context_len: int = 0) -> int:
+        """Training FLOPs (forward + backward) per token, as in PaLM appendix B / nanoGPT's
+        estimate_mfu: 6N for the matmuls plus 12 * n_layer * n_embd * T for attention scores and
+        weighted sums (and the same over the context for cross-attention)."""
+        cfg = self.config
+        T = cfg.block_size if seq_len is None else seq_len
+        attn = 12 * cfg.n_layer * cfg.n_embd * (T + (context_len if cfg.cross_attention else 0))
+        return 6 * self.num_params(non_embedding=True) + attn

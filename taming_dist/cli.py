@@ -22,6 +22,9 @@ COMMANDS = {
     "shard": "shard",
     "extract-codes": "extract_codes",
     "export": "export",
+    "launch": "launch",
+    "eval-recon": "eval_recon",
+    "eval-gen": "eval_gen",
 }
 
 

@@ -1,28 +1,40 @@
-HELP = "sample images from a trained transformer (a model folder or run folder) and write a PNG grid"
-EXAMPLE = "taming-dist sample runs/demo/transformer/model --classes 0,1,2,3 --per-class 8 --out samples.png"
+HELP = ("sample images from a trained transformer (a model folder or run folder): a PNG grid, or with "
+        "--num-samples N samples at scale over ranks (torchrun/srun) as image shards or one .npz for FID tools")
+EXAMPLE = ("taming-dist sample runs/demo/transformer/model --classes 0,1,2,3 --per-class 8 --out samples.png\n  "
+           "torchrun --nproc_per_node 8 -m taming_dist sample runs/cin/model --num-samples 50000 --out-dir "
+           "samples --format npz --cfg-scale 1.5 --top-k 600")
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("model", help="transformer model folder (config.json + model.safetensors) or run folder")
     parser.add_argument("--out", default="samples.png", help="PNG grid to write")
-    parser.add_argument("--classes", default="", help="comma-separated class labels (class-conditional models)")
+    parser.add_argument("--classes", default="",
+                        help="comma-separated class labels (class-conditional models; with --num-samples they are "
+                             "cycled, default all classes)")
     parser.add_argument("--per-class", type=int, default=8, help="samples per class (or in total if unconditional)")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale")
     parser.add_argument("--seed", type=int, default=0)
+    scale = parser.add_argument_group("sampling at scale")
+    scale.add_argument("--num-samples", type=int, default=None,
+                       help="draw N samples, split over the ranks (distinct seeds per batch, the same images at any "
+                            "world size for a given seed and batch size)")
+    scale.add_argument("--out-dir", default=None, help="output folder, shared by every rank")
+    scale.add_argument("--format", choices=("shards", "npz"), default="npz",
+                       help="npz: one samples.npz (arr_0 uint8 N x H x W x 3, arr_1 labels); shards: webdataset "
+                            "image shards per rank plus manifest.json")
+    scale.add_argument("--batch-size", type=int, default=32, help="samples per forward (part of the seed plan)")
+    scale.add_argument("--shard-size", type=int, default=1000, help="samples per shard (format shards)")
 
 
-def run(args) -> int:
+def _grid(args, model) -> int:
     import torch
 
     from taming_dist.data.images import save_grid
     from taming_dist.models.pipeline import generate_image
-    from taming_dist.tasks.init import resolve_model_folder
-    from taming_dist.checkpoint.pretrained import build_model_from_folder
 
-    model = build_model_from_folder(resolve_model_folder(args.model)).eval()
     kind = model.config.condition.kind if hasattr(model, "config") else "none"
     gen = torch.Generator().manual_seed(args.seed)
     kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cfg_scale=args.cfg_scale,
@@ -41,3 +53,52 @@ def run(args) -> int:
     save_grid(images, args.out, nrow=args.per_class)
     print(f"wrote {images.shape[0]} samples to {args.out}")
     return 0
+
+
+def _at_scale(args, folder) -> int:
+    from taming_dist.checkpoint.pretrained import build_model_from_folder
+    from taming_dist.engines import env_from_environ, init_distributed
+    from taming_dist.eval.generate import sample_to_folder
+    from taming_dist.logging import print0, set_rank
+
+    if not args.out_dir:
+        raise ValueError("--num-samples needs --out-dir (a folder every rank can write to)")
+    env = env_from_environ()
+    set_rank(env.rank)
+    device = init_distributed(env)
+    model = build_model_from_folder(folder).to(device).eval()
+
+    def barrier():
+        if env.is_distributed:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    settings = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+                "cfg_scale": args.cfg_scale, "model": str(folder)}
+    classes = [int(c) for c in args.classes.split(",")] if args.classes else None
+    result = sample_to_folder(model, args.out_dir, num_samples=args.num_samples, batch_size=args.batch_size,
+                              seed=args.seed, fmt=args.format, rank=env.rank, world_size=env.world_size,
+                              barrier=barrier, classes=classes, shard_size=args.shard_size, device=device,
+                              settings=settings, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                              cfg_scale=args.cfg_scale)
+    print(f"rank {env.rank}: drew {result['written']} samples")
+    print0(f"wrote {args.num_samples} samples to {result['output']}")
+    if env.is_distributed:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    return 0
+
+
+def run(args) -> int:
+    from taming_dist.tasks.init import resolve_model_folder
+
+    folder = resolve_model_folder(args.model)
+    if args.num_samples is not None:
+        return _at_scale(args, folder)
+    if args.out_dir:
+        raise ValueError("--out-dir is for sampling at scale: pass --num-samples N too (or --out for one grid)")
+    from taming_dist.checkpoint.pretrained import build_model_from_folder
+
+    return _grid(args, build_model_from_folder(folder).eval())

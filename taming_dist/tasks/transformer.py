@@ -93,7 +93,7 @@ class TransformerTask:
         gpt.eval()
         cond = self._conditions(batch, 8)
         with self.engine.autocast():
-            codes = self.model.sample(cond, batch_size=8, top_k=None, generator=gen)
+            codes = self.model.sample(cond, batch_size=None if cond is not None else 8, generator=gen)
             images = self.model.decode_to_img(codes).float().clamp(-1, 1)
         gpt.train(was_training)
         if not self.engine.is_main:

@@ -39,7 +39,10 @@ class RealFakeDiscriminator(nn.Module):
         super().__init__()
         self.discriminator = discriminator
 
-    def forward(self, real: torch.Tensor, fake: torch.Tensor):
+    def forward(self, real: torch.Tensor, fake: torch.Tensor | None = None):
+        # One input: the generator step's logits (called on the sharded root, so FSDP2 gathers).
+        if fake is None:
+            return self.discriminator(real)
         return self.discriminator(real), self.discriminator(fake)
 
 
@@ -85,7 +88,7 @@ class VQGANTask:
         if disc_factor == 0.0:
             return grad_nll, nll, torch.zeros((), device=x.device), torch.zeros((), device=x.device), logs
         with eng.frozen(self.D) as d, eng.autocast():
-            g_loss = self.loss.generator_adv_loss(d.discriminator(rec))
+            g_loss = self.loss.generator_adv_loss(d(rec))
         grad_g, = torch.autograd.grad(g_loss, rec)
         if lcfg.adaptive_weight:
             h = self._conv_out_in.detach().float()

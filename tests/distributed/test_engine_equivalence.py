@@ -1,8 +1,13 @@
 """Engine equivalence on 2 gloo ranks: DDP, FSDP2 and ZeRO-1/2/3 against one process, both stages.
 
-Same seed, same global batches, 5 steps, fp32: per-step losses, the adaptive GAN weight and the
-final parameters must match the single-process run (tolerance 1e-5: a mean of per-rank means
-rounds differently from one mean, shared/notes/platform-facts.md)."""
+Same seed, same global batches, 5 steps, fp32: per-step losses, the adaptive GAN weight, the
+gradient norm and the final parameters must match the single-process run.
+
+Tolerances: the first step (same weights, same batch) must agree to 1e-5 — a mean of per-rank
+means rounds differently from one mean (shared/notes/platform-facts.md). After that the VQGAN's
+differences grow with the learning rate: conv biases just before a GroupNorm have analytically
+zero gradients, so their float noise differs per engine and Adam's first steps normalise that
+noise to +-lr updates. The transformer has no such parameters and stays at 1e-5 throughout."""
 import json
 
 import pytest
@@ -35,23 +40,27 @@ def _close(a, b, tol=1e-5):
     return abs(a - b) <= tol * max(1.0, abs(a), abs(b))
 
 
-def _compare(ref, got, keys):
+def _compare(ref, got, keys, later_tol=1e-5, param_tol=1e-4):
+    assert len(ref["history"]) == len(got["history"]) == 5
     for step, (r, g) in enumerate(zip(ref["history"], got["history"])):
         for k in keys:
-            if k in r:
-                assert _close(r[k], g[k]), f"step {step} {k}: single {r[k]} vs {g[k]}"
+            assert k in r and k in g, f"metric {k} missing"
+            tol = 1e-5 if step == 0 else later_tol
+            assert _close(r[k], g[k], tol), f"step {step} {k}: single {r[k]} vs {g[k]}"
     for unit, params in ref["params"].items():
+        assert params.keys() == got["params"][unit].keys()
         for name, (s, a) in params.items():
             gs, ga = got["params"][unit][name]
-            assert _close(s, gs, 1e-4) and _close(a, ga, 1e-4), f"{unit}.{name}: {s},{a} vs {gs},{ga}"
+            assert _close(s, gs, param_tol) and _close(a, ga, param_tol), f"{unit}.{name}: {s},{a} vs {gs},{ga}"
 
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_vqgan_engines_match_single_process(results, engine):
     ref, dist = results
     r, g = ref["vqgan:single:2:fp32"], dist[spec("vqgan", engine)]
-    assert r["history"][-1]["d_weight"] > 0  # the GAN term and its adaptive weight are active
-    _compare(r, g, ["loss", "nll", "d_weight", "d_loss", "perplexity", "g_grad_norm"])
+    assert r["history"][0]["d_weight"] > 0  # the GAN term and its adaptive weight are active
+    _compare(r, g, ["loss", "nll", "d_weight", "d_loss", "perplexity", "g_grad_norm", "d_grad_norm"],
+             later_tol=1e-3, param_tol=2e-3)
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -63,7 +72,7 @@ def test_transformer_engines_match_single_process(results, engine):
 def test_activation_checkpointing_gives_same_losses(results):
     ref, _ = results
     a, b = ref["vqgan:single:2:fp32"], ref["vqgan:single:2:fp32:ac"]
-    _compare(a, b, ["loss", "nll", "d_weight", "d_loss"])
+    _compare(a, b, ["loss", "nll", "d_weight", "d_loss", "g_grad_norm"], later_tol=1e-3, param_tol=2e-3)
 
 
 @pytest.mark.parametrize("engine", ["ddp:2", "fsdp:2", "deepspeed:2", "deepspeed:3"])

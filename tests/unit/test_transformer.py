@@ -157,6 +157,8 @@ def test_sample_with_prefix_keeps_it():
     prefix = torch.randint(0, 128, (2, 20))
     out = model.sample(torch.tensor([1, 2]), prefix=prefix, generator=gen())
     assert out.shape == (2, N) and torch.equal(out[:, :20], prefix)
+    vq = model.first_stage_model
+    assert torch.equal(model.decode_to_img(out), vq.decode_code(out.view(2, 8, 8)))
 
 
 def test_tokens_condition_kind():

@@ -1,0 +1,56 @@
+HELP = ("FID and Inception Score of generated samples (a .npz or an image shard folder) against reference "
+        "statistics from a local file; or compute such statistics with --save-stats")
+EXAMPLE = ("taming-dist eval-gen samples/samples.npz --ref-stats imagenet256_stats.npz "
+           "--inception-weights pt_inception-2015-12-05-6726825d.pth --out gen.json")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("samples", help="samples .npz (arr_0: uint8 N x H x W x 3) or image shard folder")
+    parser.add_argument("--inception-weights", required=True,
+                        help="local InceptionV3 weights: pytorch-fid's pt_inception-2015-12-05-6726825d.pth (FID "
+                             "comparable to papers) or torchvision's inception_v3_google-0cc3c7bd.pth")
+    parser.add_argument("--ref-stats", default=None, help="reference statistics .npz with mu and sigma (pytorch-fid's)")
+    parser.add_argument("--save-stats", default=None,
+                        help="instead of evaluating: write the statistics (mu, sigma) of SAMPLES to this .npz")
+    parser.add_argument("--size", type=int, default=None,
+                        help="center-crop shard images to SIZE x SIZE (needed when their sizes differ)")
+    parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--is-splits", type=int, default=10, help="splits for the Inception Score (the original: 10)")
+    parser.add_argument("--out", default=None, help="also write the results as JSON here")
+
+
+def run(args) -> int:
+    import json
+    import os
+
+    from taming_dist.engines.dist import DistEnv, device_for
+    from taming_dist.eval.generate import evaluate_samples, inception_outputs, save_stats
+    from taming_dist.eval.inception import InceptionFeatures
+
+    if (args.ref_stats is None) == (args.save_stats is None):
+        raise ValueError("pass --ref-stats REF.npz to evaluate the samples, or --save-stats OUT.npz to compute "
+                         "reference statistics from them (one of the two)")
+    if args.batch_size < 1 or args.is_splits < 1:
+        raise ValueError(f"--batch-size ({args.batch_size}) and --is-splits ({args.is_splits}) must be >= 1")
+    if args.ref_stats is not None and not os.path.isfile(args.ref_stats):
+        raise FileNotFoundError(f"reference statistics {args.ref_stats} do not exist; compute them from reference "
+                                f"images with `taming-dist eval-gen REF_SHARDS --save-stats {args.ref_stats} "
+                                f"--inception-weights W`")
+    device = device_for(DistEnv())
+    inception = InceptionFeatures.from_file(args.inception_weights).to(device)
+    graph = "tensorflow-fid" if inception.tf_graph else "torchvision"
+    if args.save_stats is not None:
+        mu, sigma, n, _ = inception_outputs(inception, args.samples, batch_size=args.batch_size, size=args.size,
+                                            device=device)
+        save_stats(args.save_stats, mu, sigma, n)
+        result = {"samples": n, "stats": os.path.abspath(args.save_stats)}
+    else:
+        result = evaluate_samples(inception, args.samples, args.ref_stats, batch_size=args.batch_size, size=args.size,
+                                  is_splits=args.is_splits, device=device)
+    result = {"input": os.path.abspath(args.samples), "inception": graph, **result}
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    print(json.dumps(result, indent=1))
+    return 0

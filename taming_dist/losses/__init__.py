@@ -1,0 +1,1 @@
+"""Losses: single-device PyTorch (no distributed imports)."""

@@ -1,0 +1,170 @@
+"""Fast tests of the launchers without SLURM: resources, the sbatch script (its text, and its control
+flow run by bash against stand-in srun/scontrol programs), the rank environment of a submitit task,
+signals held during start-up, and the requeue decision."""
+import os
+import re
+import signal
+import subprocess
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from launch.sbatch import SlurmResources, log_path, parse_extra_sbatch, render_script, write_script
+from launch.submitit_launcher import _HeldSignals, dist_environ, requeue_if_running
+
+
+def test_resources_defaults_and_errors():
+    assert SlurmResources(gpus_per_node=8).ntasks_per_node == 8
+    assert SlurmResources().ntasks_per_node == 1
+    assert SlurmResources(nodes=2, tasks_per_node=2).world_size == 4
+    with pytest.raises(ValueError, match="tasks_per_node=4 with gpus_per_node=8"):
+        SlurmResources(gpus_per_node=8, tasks_per_node=4)
+    with pytest.raises(ValueError, match="time_min=2 leaves no training time"):
+        SlurmResources(time_min=2, signal_delay_s=120)
+    with pytest.raises(ValueError, match="--signal is set by the launcher"):
+        SlurmResources(extra_sbatch=["--signal=B:USR1@60"])
+    with pytest.raises(ValueError, match="nodes=0"):
+        SlurmResources(nodes=0)
+
+
+def test_extra_sbatch_from_dict_or_strings():
+    assert parse_extra_sbatch(["--exclusive", "gres=gpu:8", "--mail_type=END"]) == {
+        "exclusive": True, "gres": "gpu:8", "mail-type": "END"}
+    assert parse_extra_sbatch({"reservation": "big", "exclusive": True}) == {"reservation": "big", "exclusive": True}
+    assert parse_extra_sbatch(None) == {}
+
+
+def _script(tmp_path, **kw):
+    res = SlurmResources(nodes=2, gpus_per_node=4, cpus_per_task=8, mem_gb=64, partition="gpu", account="proj",
+                         time_min=90, extra_sbatch=["--exclusive"], job_name="vq", signal_delay_s=100)
+    return render_script("vqgan-tiny", ["train.steps=10", "vqgan.ddconfig.ch_mult=[1,2]"], res, chdir=tmp_path,
+                         python="/opt/venv/bin/python", **kw)
+
+
+def test_script_text(tmp_path):
+    text = _script(tmp_path)
+    sbatch = [line for line in text.splitlines() if line.startswith("#SBATCH")]
+    for want in ["--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--cpus-per-task=8", "--mem=64G",
+                 "--time=1:30:00", "--partition=gpu", "--account=proj", "--exclusive", "--requeue",
+                 "--open-mode=append", "--job-name=vq", f"--chdir={tmp_path}", f"--output={tmp_path}/slurm_logs/%x-%j.out",
+                 # no "B:": the training tasks themselves must receive the signal
+                 "--signal=USR1@100"]:
+        assert f"#SBATCH {want}" in sbatch, want
+    # every #SBATCH line precedes the first command (sbatch ignores later ones)
+    first_command = next(i for i, line in enumerate(text.splitlines()) if line and not line.startswith("#"))
+    assert all(i < first_command for i, line in enumerate(text.splitlines()) if line.startswith("#SBATCH"))
+    assert "'vqgan.ddconfig.ch_mult=[1,2]'" in text  # quoted for the shell
+    assert "NCCL_SOCKET_IFNAME" in text and "export MASTER_ADDR" not in text  # derived by taming_dist
+    assert "export MASTER_ADDR=10.0.0.1" in _script(tmp_path, master_addr="10.0.0.1")
+    assert log_path(text, "42", "vq") == tmp_path / "slurm_logs" / "vq-42.out"
+    no_gpu = render_script("vqgan-tiny", [], SlurmResources(tasks_per_node=2), chdir=tmp_path)
+    assert "--gpus-per-node" not in no_gpu and "#SBATCH --ntasks-per-node=2" in no_gpu
+    subprocess.run(["bash", "-n"], input=text, text=True, check=True)  # valid shell
+    with pytest.raises(ValueError, match="signal='HUP'"):
+        render_script("vqgan-tiny", [], signal="HUP")
+
+
+def _run_script(tmp_path, text, srun_status, restart_count=0):
+    """Run the script's body with stand-in `srun` (records its arguments, exits `srun_status`) and
+    `scontrol` (records its arguments)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, status in (("srun", srun_status), ("scontrol", 0)):
+        (bin_dir / name).write_text(f'#!/bin/bash\necho "$@" >> {tmp_path}/{name}.calls\nexit {status}\n')
+        (bin_dir / name).chmod(0o755)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "42", "SLURM_RESTART_COUNT": str(restart_count)}
+    p = subprocess.run(["bash", write_script(tmp_path / "job.sh", text)], env=env, capture_output=True, text=True)
+
+    def calls(name):
+        f = tmp_path / f"{name}.calls"
+        return f.read_text().splitlines() if f.exists() else []
+    return p.returncode, calls("srun"), calls("scontrol")
+
+
+def test_script_requeues_only_on_status_75(tmp_path):
+    text = _script(tmp_path)
+    status, srun, scontrol = _run_script(tmp_path, text, 75)
+    assert status == 75 and scontrol == ["requeue 42"]
+    assert srun == ["/opt/venv/bin/python -m taming_dist train vqgan-tiny train.steps=10 "
+                    "vqgan.ddconfig.ch_mult=[1,2] --resume auto"]
+    assert (tmp_path / "slurm_logs").is_dir()  # write_script made the log folder SLURM will not create
+    for srun_status in (0, 1):
+        (tmp_path / "scontrol.calls").unlink(missing_ok=True)
+        status, _, scontrol = _run_script(tmp_path, text, srun_status)
+        assert status == srun_status and scontrol == []
+
+
+def test_script_resume_from_a_checkpoint_only_on_first_start(tmp_path):
+    text = _script(tmp_path, resume="/ck/step_000100")
+    _, srun, _ = _run_script(tmp_path, text, 0, restart_count=0)
+    assert srun[-1].endswith("--resume /ck/step_000100")
+    _, srun, _ = _run_script(tmp_path, text, 0, restart_count=1)
+    assert srun[-1].endswith("--resume auto")
+
+
+def test_submitit_task_environment():
+    def task(rank, local):
+        return SimpleNamespace(global_rank=rank, local_rank=local, num_tasks=4, num_nodes=2, job_id="4242")
+    envs = [dist_environ(task(r, r % 2), "gpu[07-08]") for r in range(4)]
+    assert [e["RANK"] for e in envs] == ["0", "1", "2", "3"]
+    assert [e["LOCAL_RANK"] for e in envs] == ["0", "1", "0", "1"]
+    assert {(e["WORLD_SIZE"], e["LOCAL_WORLD_SIZE"], e["MASTER_ADDR"], e["MASTER_PORT"]) for e in envs} == {
+        ("4", "2", "gpu07", str(20000 + 4242 % 20000))}
+    assert dist_environ(task(3, 1), "n[1-2]", master_addr="127.0.0.1")["MASTER_ADDR"] == "127.0.0.1"
+    # an array task's id "12_3" still gives every task of that job one port
+    array = SimpleNamespace(global_rank=0, local_rank=0, num_tasks=2, num_nodes=1, job_id="12_3")
+    assert dist_environ(array, "a1")["MASTER_PORT"] == str(20000 + 123)
+    with pytest.raises(ValueError, match="neither SLURM_JOB_NODELIST nor MASTER_ADDR"):
+        dist_environ(task(0, 0), None)
+
+
+def test_signal_during_start_up_is_replayed_to_the_loop_handler():
+    before = signal.getsignal(signal.SIGUSR1)
+    got = []
+    try:
+        _HeldSignals(signals=(signal.SIGUSR1,), poll_s=0.01)
+        os.kill(os.getpid(), signal.SIGUSR1)  # arrives "while torch imports": held, not lost
+        time.sleep(0.05)
+        assert got == []
+        signal.signal(signal.SIGUSR1, lambda s, f: got.append(s))  # the loop installs its handler
+        deadline = time.time() + 5
+        while not got and time.time() < deadline:
+            time.sleep(0.01)
+        assert got == [signal.SIGUSR1]
+    finally:
+        signal.signal(signal.SIGUSR1, before)
+
+
+@pytest.mark.parametrize("state,requeued", [("RUNNING", True), ("CANCELLED", False), ("TIMEOUT", False)])
+def test_requeue_only_a_running_job(tmp_path, monkeypatch, state, requeued):
+    (tmp_path / "scontrol").write_text(
+        f'#!/bin/bash\necho "$@" >> {tmp_path}/calls\n'
+        f'if [ "$1" = show ]; then echo "JobId=7 JobName=x JobState={state} Reason=None"; fi\n')
+    (tmp_path / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    assert requeue_if_running("7") is requeued
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert calls[0] == "show job -o 7"
+    assert ("requeue 7" in calls) is requeued
+
+
+def test_cli_writes_the_script(tmp_path, capsys):
+    import argparse
+
+    from taming_dist.commands import launch
+
+    parser = argparse.ArgumentParser()
+    launch.add_arguments(parser)
+    args = parser.parse_args(["sbatch", "vqgan-tiny", "train.steps=3", "--tasks-per-node", "2", "--time-min", "10",
+                              "--signal-delay-s", "30", "--sbatch=--exclusive", "--sbatch", "gres=gpu:1",
+                              "--out", str(tmp_path / "t.sh"), "--chdir", str(tmp_path)])
+    assert launch.run(args) == 0
+    text = (tmp_path / "t.sh").read_text()
+    assert "#SBATCH --signal=USR1@30" in text and "#SBATCH --exclusive" in text and "#SBATCH --gres=gpu:1" in text
+    assert re.search(r"train vqgan-tiny \\\n\s+train.steps=3", text)
+    assert f"wrote {tmp_path / 't.sh'}" in capsys.readouterr().out
+    bad = parser.parse_args(["sbatch", "vqgan-tiny", "train.no_such_key=1", "--out", str(tmp_path / "u.sh")])
+    with pytest.raises(ValueError, match="no_such_key"):
+        launch.run(bad)
+    assert not (tmp_path / "u.sh").exists()

@@ -88,6 +88,14 @@ def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, window_size:
 # Distribution metrics
 
 
+def _psd_floor(w: np.ndarray) -> np.ndarray:
+    """Eigenvalues of a PSD matrix with those below round-off set to 0: a covariance of fewer
+    samples than dimensions has many zero eigenvalues that eigh returns as +-1e-12-sized noise, and
+    summing the square roots of thousands of them would add a visible error to the trace."""
+    tol = max(float(np.abs(w).max(initial=0.0)), 1e-300) * len(w) * np.finfo(np.float64).eps
+    return np.where(w > tol, w, 0.0)
+
+
 def fid_from_stats(mu1, sigma1, mu2, sigma2) -> float:
     """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2) (Heusel et al. 2017):
     |mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)).
@@ -102,9 +110,9 @@ def fid_from_stats(mu1, sigma1, mu2, sigma2) -> float:
         raise ValueError(f"FID statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs "
                          f"{s2.shape} (were they computed with the same feature extractor?)")
     w, v = np.linalg.eigh((s1 + s1.T) / 2)
-    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    root1 = (v * np.sqrt(_psd_floor(w))) @ v.T
     inner = root1 @ ((s2 + s2.T) / 2) @ root1
-    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2), 0, None)).sum()
+    tr_covmean = np.sqrt(_psd_floor(np.linalg.eigvalsh((inner + inner.T) / 2))).sum()
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
 

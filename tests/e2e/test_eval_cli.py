@@ -127,7 +127,7 @@ def test_eval_recon_rfid_with_local_inception(tmp_path, vqgan_folder, shards, in
     folder, _ = shards
     report = _recon(vqgan_folder, folder, tmp_path / "r.json", "--inception-weights", str(inception_file),
                     "--max-samples", "8")
-    assert report["samples"] == 8 and np.isfinite(report["rfid"]) and report["rfid"] >= 0
+    assert report["samples"] == 8 and np.isfinite(report["rfid"]) and report["rfid"] > 0
     assert any("torchvision's Inception" in note for note in report["notes"])
 
 
@@ -194,7 +194,7 @@ def test_sample_at_scale_two_ranks(tmp_path, transformer_folder):
 
 
 @pytest.mark.slow
-def test_eval_gen_fid_of_a_set_against_itself_is_zero(tmp_path, transformer_folder, inception_file, capsys):
+def test_eval_gen_fid_of_a_set_against_itself_is_zero(tmp_path, transformer_folder, inception_file, shards, capsys):
     _sample(transformer_folder, tmp_path / "s", "--format", "shards")
     _sample(transformer_folder, tmp_path / "s", "--format", "npz")
     stats = tmp_path / "ref.npz"
@@ -209,5 +209,11 @@ def test_eval_gen_fid_of_a_set_against_itself_is_zero(tmp_path, transformer_fold
     assert result["samples"] == 10 and result["inception"] == "torchvision" and result["is_splits"] == 2
     assert abs(result["fid"]) < 1e-6 * max(1.0, float(np.trace(np.load(stats)["sigma"])))
     assert result["inception_score"] >= 1.0
+    # Against other images (the synthetic shards) the distance is far from 0.
+    other = tmp_path / "other.npz"
+    assert main(["eval-gen", str(shards[0]), "--save-stats", str(other), *w]) == 0
+    assert main(["eval-gen", str(tmp_path / "s" / "samples.npz"), "--ref-stats", str(other), "--out",
+                 str(tmp_path / "gen2.json"), *w]) == 0
+    assert json.loads((tmp_path / "gen2.json").read_text())["fid"] > 1.0
     assert main(["eval-gen", str(tmp_path / "s" / "samples.npz"), "--ref-stats", str(tmp_path / "no.npz"), *w]) == 2
     assert "--save-stats" in capsys.readouterr().err

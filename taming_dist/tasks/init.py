@@ -17,7 +17,10 @@ def read_weights(path: str) -> dict:
 
     p = Path(path)
     if p.is_dir():
-        _, _, sd = load_model_folder(resolve_model_folder(path))
+        folder = resolve_model_folder(path)
+        _, _, sd = load_model_folder(folder)
+        if (folder / "loss.safetensors").exists():  # discriminator + LPIPS kept by import-taming --keep-loss
+            sd.update({f"loss.{k}": v for k, v in safe_load(str(folder / "loss.safetensors")).items()})
         return sd
     if not p.exists():
         raise FileNotFoundError(f"init_from: {p} does not exist")

@@ -32,6 +32,7 @@ def results(tmp_path_factory):
     run([HARNESS, str(d / "ref.json"), *ref_specs], nproc=1)
     dist_specs = [spec(s, e) for s in STAGES for e in ENGINES]
     dist_specs += [f"transformer:{e}:fp32:noac:accum" for e in ("ddp:2", "fsdp:2", "deepspeed:2", "deepspeed:3")]
+    dist_specs += [f"{s}:{e}:bf16" for s in STAGES for e in ("ddp:2", "fsdp:2", "deepspeed:1", "deepspeed:2", "deepspeed:3")]
     run([HARNESS, str(d / "dist.json"), *dist_specs], nproc=2, timeout=900)
     return json.loads((d / "ref.json").read_text()), json.loads((d / "dist.json").read_text())
 
@@ -80,3 +81,15 @@ def test_gradient_accumulation_matches_one_big_batch(results, engine):
     # 2 micro-steps of 2 per rank (gradient sync only on the last) == one batch of 8 in one process.
     ref, dist = results
     _compare(ref["transformer:single:2:fp32"], dist[f"transformer:{engine}:fp32:noac:accum"], ["loss", "grad_norm"])
+
+
+@pytest.mark.parametrize("engine", ["ddp:2", "fsdp:2", "deepspeed:1", "deepspeed:2", "deepspeed:3"])
+@pytest.mark.parametrize("stage", STAGES)
+def test_bf16_trains_on_every_engine(results, stage, engine):
+    # bf16 autocast (DDP), MixedPrecisionPolicy (FSDP2), DeepSpeed's bf16: finite, close to fp32.
+    ref, dist = results
+    r, g = ref[f"{stage}:single:2:fp32"], dist[f"{stage}:{engine}:bf16"]
+    assert all(h.get("skipped", 0.0) == 0.0 for h in g["history"])
+    first_r, first_g = r["history"][0]["loss"], g["history"][0]["loss"]
+    assert abs(first_r - first_g) < 0.05 * abs(first_r), (first_r, first_g)
+    assert all(abs(h["loss"]) < 1e3 for h in g["history"])

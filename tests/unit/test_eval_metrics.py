@@ -243,11 +243,12 @@ def random_inception() -> torch.nn.Module:
 
     torch.manual_seed(0)
     net = inception_v3(weights=None, aux_logits=True, init_weights=False)
+    net.eval()
     for m in net.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
-            m.momentum = 1.0  # running statistics := this batch's
+            m.train().momentum = 1.0  # running statistics := this batch's
     with torch.no_grad():
-        net.train()(torch.rand(2, 3, 96, 96) * 2 - 1)  # small: the scale is what matters
+        net(torch.rand(2, 3, 128, 128) * 2 - 1)  # small: the scale is what matters
     return net.eval()
 
 

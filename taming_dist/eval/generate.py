@@ -27,9 +27,10 @@ import torch
 from PIL import Image
 
 from taming_dist.data.images import save_grid, to_uint8
-from taming_dist.data.shards import read_manifest, tar_samples, write_manifest, write_tar
+from taming_dist.data.shards import resolve_shards, tar_samples, write_manifest, write_tar
 from taming_dist.data.transforms import decode_rgb, find_image_field, load_image
 from taming_dist.eval.metrics import FeatureStats, fid_from_stats, inception_score
+from taming_dist.models.pipeline import generate_image
 
 SHARD_NAME = "shard-r{rank}-{index:06d}.tar"
 PART_NAME = ".part-r{rank}.npy"
@@ -74,8 +75,6 @@ def sample_labels(model, classes: Optional[list[int]], start: int, count: int) -
 def draw_batches(model, plan: list[tuple[int, int, int]], *, seed: int, classes: Optional[list[int]] = None,
                  device="cpu", **sample_kwargs) -> Iterator[tuple[int, np.ndarray, Optional[np.ndarray]]]:
     """Per planned batch: (first sample index, uint8 images (B, H, W, 3), labels (B,) or None)."""
-    from taming_dist.models.pipeline import generate_image
-
     device = torch.device(device)
     for k, start, count in plan:
         labels = sample_labels(model, classes, start, count)
@@ -231,10 +230,7 @@ def iter_sample_images(path: str, batch_size: int, size: Optional[int] = None) -
         for i in range(0, len(arr), batch_size):
             yield np.asarray(arr[i:i + batch_size])
         return
-    read_manifest(path)  # a clear error when the folder is not a finished shard set
-    from taming_dist.data.shards import resolve_shards
-
-    urls, _ = resolve_shards(path)
+    urls, _ = resolve_shards(path)  # a clear error when it is not a finished shard folder
     def handler(exn: Exception) -> bool:
         raise exn  # a metric over a partly read set would be silently wrong
 

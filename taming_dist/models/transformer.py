@@ -225,6 +225,22 @@ class Transformer(nn.Module):
                        top_k=top_k, top_p=top_p)
         return torch.cat([prefix, new], dim=1)  # (B, P + num_steps)
 
+    @classmethod
+    def from_pretrained(cls, folder) -> "Transformer":
+        """Load a model folder (config.json + model.safetensors from training, `export` or
+        `import-taming`); a pipeline export's `transformer/` sub-folder is found too."""
+        from pathlib import Path
+
+        from taming_dist.checkpoint.pretrained import build_model_from_folder
+
+        folder = Path(folder)
+        if not (folder / "config.json").exists() and (folder / "transformer" / "config.json").exists():
+            folder = folder / "transformer"
+        model = build_model_from_folder(folder)
+        if not isinstance(model, cls):
+            raise ValueError(f"{folder} holds a {type(model).__name__}, not a Transformer")
+        return model.eval()
+
     @torch.no_grad()
     def decode_to_img(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes (B, N) in raster order -> images (B, 3, R, R) from the first stage's decoder."""

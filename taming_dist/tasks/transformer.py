@@ -34,7 +34,7 @@ class TransformerTask:
         if mcfg.condition.kind == "tokens" and mcfg.condition.cond_ckpt:
             model.cond_stage_model.load_state_dict(read_weights(mcfg.condition.cond_ckpt), strict=True)
         if cfg.init_from:
-            load_init_weights(cfg.init_from, {"transformer": model}, engine.is_main)
+            load_init_weights(cfg.init_from, {"model": model}, engine.is_main)
         self.model = model
         for frozen in (model.first_stage_model, getattr(model, "cond_stage_model", None)):
             if frozen is not None:

@@ -1,7 +1,8 @@
 """Runs tasks on engines with fixed global batches, for the engine-equivalence tests.
 
 Usage (one process or under torchrun): python harness.py OUT.json SPEC [SPEC ...]
-SPEC = stage:engine[:zero_stage][:precision][:ac] e.g. vqgan:deepspeed:3:fp32:ac
+SPEC = stage:engine[:zero_stage][:precision][:ac|noac][:accum][:key=value ...]
+       e.g. vqgan:deepspeed:3:fp32:ac or transformer:fsdp:2:fp32:noac:train.ema_decay=0.5
 Each rank takes its slice of the same global batch, so every world size sees the same data;
 rank 0 writes per-step metrics and the final full parameters (as lists of sums) to OUT.json.
 """
@@ -57,7 +58,8 @@ def run_spec(spec: str, env, device) -> dict:
     precision = parts[3] if len(parts) > 3 else "fp32"
     ac = len(parts) > 4 and parts[4] == "ac"
     micro = GLOBAL_BATCH // env.world_size // (2 if "accum" in parts else 1)
-    cfg = make_cfg(stage, engine_kind, zero, precision, ac, micro)
+    overrides = tuple(p for p in parts if "=" in p)  # e.g. init_from=/path, train.ema_decay=0.9
+    cfg = make_cfg(stage, engine_kind, zero, precision, ac, micro, extra=overrides)
     torch.manual_seed(0)
     engine = build_engine(cfg.engine, env, device)
     accum = grad_accum_steps(cfg, env.world_size)
@@ -72,7 +74,7 @@ def run_spec(spec: str, env, device) -> dict:
         history.append({k: float(v) for k, v in stats.items()})
     params = {}
     for name, unit in task.units.items():
-        sd = engine.full_state_dict(unit)
+        sd = engine.full_state_dict(unit, ema=bool(unit.ema))
         params[name] = {k: [float(v.double().sum()), float(v.double().abs().sum())] for k, v in sd.items()
                         if v.is_floating_point()}
     return {"history": history, "params": params}

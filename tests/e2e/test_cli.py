@@ -76,3 +76,16 @@ def test_transformer_trains_from_extracted_codes(tmp_path):
     model = build_model_from_folder(tmp_path / "tr" / "model")
     assert model.config.first_stage.ddconfig.resolution == 16
     assert (tmp_path / "codes" / "manifest.json").exists()
+
+
+@pytest.mark.slow
+def test_non_finite_steps_are_skipped_counted_then_halt(tmp_path):
+    # An absurd learning rate turns the weights non-finite after the first update; every later
+    # step is skipped and counted, and the run stops with a clear message after max_bad_steps.
+    p = cli("train", "vqgan-tiny", f"out_dir={tmp_path}", "name=nan", "train.steps=20", "train.optim.lr=1e30",
+            "train.max_bad_steps=3", "train.log_every=1", "train.image_every=0", "logging.wandb_mode=disabled",
+            "data.synthetic_samples=256", *TINY_VQ, "train.global_batch_size=4", "train.micro_batch_size=4",
+            check=False)
+    assert p.returncode != 0
+    assert "3 non-finite steps in a row" in p.stderr and "grad_clip" in p.stderr
+    assert p.stdout.count("step skipped") == 3

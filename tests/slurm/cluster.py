@@ -7,6 +7,7 @@ no accounting, no cgroups. Several slurmd daemons on one host simulate several n
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import shutil
@@ -210,9 +211,10 @@ class SlurmCluster:
 
     def _spawn(self, name: str, args: list[str]) -> None:
         log = open(self.root / "log" / f"{name}.stdout.log", "w")
-        # Own session: a Ctrl-C in the test terminal reaches pytest (which stops us in order),
-        # not the daemons directly.
-        p = subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        # Own session: a Ctrl-C in the test terminal reaches pytest (which stops us in order), not the
+        # daemons directly. If pytest itself is killed, the kernel sends them SIGTERM (no daemons left).
+        p = subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                             preexec_fn=_terminate_with_parent)
         log.close()
         self._daemons.append((name, p))
 
@@ -229,6 +231,11 @@ class SlurmCluster:
                 return
             time.sleep(0.2)
         raise RuntimeError(f"nodes not idle after {timeout}s: {out!r}\n{self.logs()}")
+
+
+def _terminate_with_parent() -> None:
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _terminate(p: subprocess.Popen, timeout: float = 15) -> None:

@@ -19,7 +19,7 @@ from tests.distributed.util import REPO
 
 pytestmark = pytest.mark.slow
 
-STEPS = 12
+STEPS = 8
 TINY = ["train.ckpt_every=4", "train.log_every=1", "train.image_every=0", "logging.wandb_mode=disabled",
         "logging.progress=false", "data.synthetic_samples=256", "vqgan.ddconfig.ch=32", "vqgan.ddconfig.ch_mult=[1,2]",
         "vqgan.ddconfig.resolution=16", "data.size=16", "vqgan.ddconfig.attn_resolutions=[8]",

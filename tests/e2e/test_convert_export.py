@@ -1,0 +1,96 @@
+"""From cluster to inference: every engine's checkpoint -> convert -> export -> from_pretrained,
+the original taming layout round trip, and init_from into sharded engines."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from taming_dist.models import VQModel
+from tests.distributed.util import REPO, run
+
+pytestmark = pytest.mark.slow
+
+TINY = ["vqgan.ddconfig.ch=32", "vqgan.ddconfig.ch_mult=[1,2]", "vqgan.ddconfig.resolution=16", "data.size=16",
+        "vqgan.ddconfig.attn_resolutions=[8]", "loss.disc_start=0", "loss.discriminator.n_layers=1",
+        "train.global_batch_size=4", "train.micro_batch_size=2", "train.image_every=0", "train.ema_decay=0.5",
+        "logging.wandb_mode=disabled", "logging.progress=false", "data.synthetic_samples=256", "train.steps=2"]
+ENGINES = {"single": (["engine.kind=single"], 1), "ddp": (["engine.kind=ddp"], 2), "fsdp": (["engine.kind=fsdp"], 2),
+           "zero1": (["engine.kind=deepspeed", "engine.zero_stage=1"], 2),
+           "zero2": (["engine.kind=deepspeed", "engine.zero_stage=2"], 2),
+           "zero3": (["engine.kind=deepspeed", "engine.zero_stage=3"], 2)}
+
+
+@pytest.mark.parametrize("name", list(ENGINES))
+def test_convert_export_from_pretrained(tmp_path, name):
+    engine, nproc = ENGINES[name]
+    run(["-m", "taming_dist", "train", "vqgan-tiny", f"out_dir={tmp_path}", "name=r", *engine, *TINY], nproc=nproc)
+    live = tmp_path / "r" / "model"  # written in-process at the end of training (EMA weights, gathered)
+    run(["-m", "taming_dist", "convert", str(tmp_path / "r"), str(tmp_path / "c.safetensors"), "--ema"])
+    run(["-m", "taming_dist", "export", str(tmp_path / "r"), str(tmp_path / "exp")])
+    consolidated = load_file(tmp_path / "c.safetensors")
+    exported = load_file(tmp_path / "exp" / "model.safetensors")
+    live_sd = load_file(live / "model.safetensors")
+    assert exported.keys() == live_sd.keys()
+    assert any(k.startswith("discriminator.") for k in consolidated)
+    for k, v in live_sd.items():
+        torch.testing.assert_close(exported[k], v, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(consolidated[f"generator.{k}"], v, rtol=1e-6, atol=1e-7)
+    model, ref = VQModel.from_pretrained(tmp_path / "exp"), VQModel.from_pretrained(live)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)[0], ref(x)[0], rtol=1e-5, atol=1e-6)
+    # raw weights differ from the EMA ones
+    raw = tmp_path / "raw"
+    run(["-m", "taming_dist", "export", str(tmp_path / "r"), str(raw), "--no-ema", "--dtype", "bf16"])
+    raw_sd = load_file(raw / "model.safetensors")
+    assert raw_sd["encoder.conv_in.weight"].dtype == torch.bfloat16
+    assert not torch.equal(raw_sd["encoder.conv_in.weight"].float(), live_sd["encoder.conv_in.weight"])
+
+
+def test_taming_format_reimports_identically(tmp_path):
+    run(["-m", "taming_dist", "train", "vqgan-tiny", f"out_dir={tmp_path}", "name=r", *TINY])
+    run(["-m", "taming_dist", "export", str(tmp_path / "r"), str(tmp_path / "orig"), "--format", "taming"])
+    assert (tmp_path / "orig" / "model.yaml").exists()
+    ck = torch.load(tmp_path / "orig" / "model.ckpt", weights_only=True)
+    assert any(k.startswith("loss.discriminator.") for k in ck["state_dict"])
+    run(["-m", "taming_dist", "import-taming", str(tmp_path / "orig" / "model.ckpt"), str(tmp_path / "back"),
+         "--config", str(tmp_path / "orig" / "model.yaml"), "--keep-loss"])
+    back = load_file(tmp_path / "back" / "model.safetensors")
+    live = load_file(tmp_path / "r" / "model" / "model.safetensors")
+    assert back.keys() == live.keys()
+    for k in live:
+        assert torch.equal(back[k], live[k]), k
+    cfg = json.loads((tmp_path / "back" / "config.json").read_text())["config"]
+    assert cfg["ddconfig"]["ch_mult"] == [1, 2] and cfg["quantizer"]["n_embed"] == 128
+
+
+def test_init_from_export_into_fsdp_and_zero3_matches_single(tmp_path):
+    """A transformer exported as a model folder starts FSDP2 and ZeRO-3 runs at the same loss as one process."""
+    harness = str(REPO / "tests" / "distributed" / "harness.py")
+    run([harness, str(tmp_path / "a.json"), "transformer:single:2:fp32"])
+    src = tmp_path / "src"
+    # a transformer model folder with weights no run starts from
+    run(["-c", f"""
+import torch, sys
+sys.path.insert(0, {str(REPO / 'tests' / 'distributed')!r})
+from harness import make_cfg
+from taming_dist.models.transformer import Transformer
+from taming_dist.checkpoint.pretrained import save_model_folder
+cfg = make_cfg('transformer', 'single', 2, 'fp32', False, 8)
+torch.manual_seed(123)
+m = Transformer(cfg.transformer)
+for p in m.transformer.parameters():
+    p.data.add_(torch.randn_like(p) * 0.05)
+save_model_folder({str(src)!r}, 'transformer', cfg.transformer, m.state_dict())
+"""])
+    spec = f"transformer:{{}}:fp32:noac:init_from={src}"
+    run([harness, str(tmp_path / "one.json"), spec.format("single:2")])
+    run([harness, str(tmp_path / "two.json"), spec.format("fsdp:2"), spec.format("deepspeed:3")], nproc=2)
+    fresh = json.loads((tmp_path / "a.json").read_text())["transformer:single:2:fp32"]["history"][0]["loss"]
+    one = json.loads((tmp_path / "one.json").read_text())[spec.format("single:2")]["history"][0]["loss"]
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert abs(one - fresh) > 1e-3  # the weights really came from the folder
+    for engine in ("fsdp:2", "deepspeed:3"):
+        got = two[spec.format(engine)]["history"][0]["loss"]
+        assert abs(got - one) <= 1e-5 * abs(one), (engine, got, one)

@@ -16,9 +16,14 @@ from taming_dist.engines.base import Engine, Unit, build_optimizer
 from taming_dist.engines.dist import ensure_process_group
 
 
-def init_deepspeed_comm(device: torch.device) -> None:
+def init_deepspeed_comm(env, device: torch.device) -> None:
     import torch.distributed as dist
 
+    # DeepSpeed reads the launcher's variables itself; under srun or plain python they are not
+    # set, so export what engines/dist.py derived.
+    for key, value in (("RANK", env.rank), ("WORLD_SIZE", env.world_size), ("LOCAL_RANK", env.local_rank),
+                       ("MASTER_ADDR", env.master_addr), ("MASTER_PORT", env.master_port)):
+        os.environ.setdefault(key, str(value))
     ensure_process_group(device)
     if device.type == "cpu":
         # On CPU DeepSpeed JIT-compiles a shared-memory all-reduce op at init (~50 s, see
@@ -47,7 +52,7 @@ class DeepSpeedEngine(Engine):
 
     def __init__(self, cfg, env, device):
         super().__init__(cfg, env, device)
-        init_deepspeed_comm(device)
+        init_deepspeed_comm(env, device)
 
     def ds_config(self, micro_batch_size: int, grad_accum: int, grad_clip: float) -> dict:
         zero: dict = {"stage": self.cfg.zero_stage}

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.distributed.util import REPO, free_port, test_env
+from tests.distributed import util
+from tests.distributed.util import REPO, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -44,7 +45,7 @@ def one_node(tmp_path_factory):
     out = tmp_path_factory.mktemp("ds")
     cmd = [DEEPSPEED, "--num_accelerators", "2", "--master_port", str(free_port()), *TRAIN,
            f"out_dir={out}", "name=local"]
-    p = subprocess.run(cmd, cwd=REPO, env=test_env(), capture_output=True, text=True, timeout=300)
+    p = subprocess.run(cmd, cwd=REPO, env=util.test_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     return out / "local"
 
@@ -61,7 +62,7 @@ def test_two_launchers_with_node_rank_simulate_two_nodes(one_node, tmp_path):
     launchers = [subprocess.Popen([DEEPSPEED, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(rank),
                                    "--master_addr", "127.0.0.1", "--master_port", str(port), *TRAIN,
                                    f"out_dir={tmp_path}", "name=two"],
-                                  cwd=REPO, env=test_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                  cwd=REPO, env=util.test_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                  for rank in (0, 1)]
     outputs = []
     try:

@@ -44,3 +44,42 @@ def test_inconsistent_env_says_what_is_missing():
         env_from_environ({"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "a", "MASTER_PORT": "1"})
     with pytest.raises(ValueError, match="not an integer"):
         env_from_environ({"SLURM_PROCID": "x", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "a"})
+
+
+def test_slurm_explicit_master_wins_and_single_task_needs_no_nodelist():
+    env = env_from_environ({"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "n[1-2]",
+                            "SLURM_JOB_ID": "7", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"})
+    assert (env.master_addr, env.master_port, env.source) == ("127.0.0.1", 29999, "slurm")
+    env = env_from_environ({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"})  # `srun -n1 python ...` on a login node
+    assert env.world_size == 1 and not env.is_distributed
+    with pytest.raises(ValueError, match="neither SLURM_JOB_NODELIST nor MASTER_ADDR"):
+        env_from_environ({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "7"})
+
+
+def test_launcher_variables_win_over_slurm_ones():
+    # torchrun or the deepspeed launcher inside an salloc/sbatch allocation: both sets are present.
+    env = env_from_environ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
+                            "MASTER_PORT": "29500", "SLURM_PROCID": "0", "SLURM_NTASKS": "1",
+                            "SLURM_JOB_NODELIST": "gpu01", "SLURM_JOB_ID": "9"})
+    assert (env.rank, env.world_size, env.local_rank, env.source) == (1, 2, 1, "torchrun")
+
+
+def test_deepspeed_launcher_environment():
+    # exactly what deepspeed/launcher/launch.py exports to each process (plus CROSS_RANK/LOCAL_SIZE)
+    env = env_from_environ({"RANK": "1", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                            "MASTER_PORT": "29500", "CROSS_RANK": "1", "CROSS_SIZE": "2", "LOCAL_SIZE": "1"})
+    assert (env.rank, env.world_size, env.local_rank, env.master_port) == (1, 2, 0, 29500)
+
+
+@pytest.mark.xfail(strict=True, reason="engines/dist.py checks the rank range only for RANK/WORLD_SIZE, not for "
+                                       "SLURM_PROCID/SLURM_NTASKS (reported to the lead)")
+def test_slurm_rank_outside_ntasks_is_an_error():
+    with pytest.raises(ValueError, match="outside"):
+        env_from_environ({"SLURM_PROCID": "3", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "n[1-2]"})
+
+
+@pytest.mark.xfail(strict=True, reason="expand_nodelist expands one bracket per name; SLURM expands "
+                                       "`a[1-2]b[3-4]` to the product (reported to the lead)")
+def test_expand_nodelist_several_brackets_in_one_name():
+    # `scontrol show hostnames 'a[1-2]b[3-4]'` on Slurm 22.05
+    assert expand_nodelist("a[1-2]b[3-4]") == ["a1b3", "a1b4", "a2b3", "a2b4"]

@@ -129,7 +129,7 @@ def render_script(config: str, overrides: list[str] | tuple = (), res: SlurmReso
     python = python or sys.executable
     L = ["#!/bin/bash",
          f"# Train {config!r} with taming-dist on {res.nodes} node(s) x {res.ntasks_per_node} task(s) = "
-         f"{res.world_size} process(es), one per GPU.",
+         f"{res.world_size} process(es){', one per GPU' if res.gpus_per_node else ' on CPUs'}.",
          "# Written by `taming-dist launch sbatch`; submit it with `sbatch THIS_FILE`. Edit freely.",
          "#",
          "# Resources. Every #SBATCH line must come before the first command of the script.",
@@ -152,11 +152,12 @@ def render_script(config: str, overrides: list[str] | tuple = (), res: SlurmReso
         L.append("# Extra options given to the launcher.")
         L += [_flag(k, v) for k, v in res.extra_sbatch.items()]
     L += ["#",
-          f"# Time limit and preemption: SLURM sends SIG{signal} {res.signal_delay_s}s before the time limit. There",
-          "# is no \"B:\" prefix on purpose: with it only this batch shell would get the signal, without it",
+          f"# Time limit and preemption: SLURM sends SIG{signal} {res.signal_delay_s}s before the time limit.",
+          "# No \"B:\" prefix, on purpose: with it only this batch shell would get the signal; without it",
           "# every task of the job steps does, i.e. every training process. Each one sets a stop flag, the",
           "# ranks agree on it at the next step, all write a checkpoint at that same step, and",
-          f"# `taming-dist train` exits with status {EXIT_STOPPED}. The delay must cover one step plus one checkpoint write.",
+          f"# `taming-dist train` exits with status {EXIT_STOPPED}. The delay must cover one step plus one",
+          "# checkpoint write.",
           _flag("signal", f"{signal}@{res.signal_delay_s}"),
           "# The job may be requeued: by SLURM (preemption, node failure) or by this script below.",
           _flag("requeue", True),
@@ -186,7 +187,8 @@ def render_script(config: str, overrides: list[str] | tuple = (), res: SlurmReso
               f'if [ "${{SLURM_RESTART_COUNT:-0}}" -eq 0 ]; then RESUME={shlex.quote(resume)}; else RESUME=auto; fi']
     L += ["",
           "# One srun task per GPU, all running the same command. No --kill-on-bad-exit: the rank that",
-          f"# exits first with status {EXIT_STOPPED} would make srun kill the others and report 143 instead of {EXIT_STOPPED}.",
+          f"# exits first with status {EXIT_STOPPED} would make srun kill the others and report 143 instead",
+          f"# of {EXIT_STOPPED}.",
           f'srun "$PYTHON" -m taming_dist train {shlex.quote(config)} \\']
     L += [f"    {shlex.quote(o)} \\" for o in overrides]
     L += ['    --resume "$RESUME"',

@@ -71,7 +71,7 @@ class _HeldSignals:
         self.pending.append(signum)
 
     def _replay(self, poll_s: float) -> None:
-        while all(signal.getsignal(s) == self._hold for s in self._signals):
+        while any(signal.getsignal(s) == self._hold for s in self._signals):
             time.sleep(poll_s)
         for signum in self.pending:
             os.kill(os.getpid(), signum)

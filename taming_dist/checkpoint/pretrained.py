@@ -77,3 +77,14 @@ def build_model_from_folder(folder):
         model = Transformer(cfg)
     model.load_state_dict(sd, strict=True)
     return model
+
+
+def load_pretrained(cls, folder, subfolder: str):
+    """`cls.from_pretrained`: the model in `folder` (or its pipeline `subfolder`), checked to be a `cls`."""
+    folder = Path(folder)
+    if not (folder / "config.json").exists() and (folder / subfolder / "config.json").exists():
+        folder = folder / subfolder
+    model = build_model_from_folder(folder)
+    if not isinstance(model, cls):
+        raise ValueError(f"{folder} holds a {type(model).__name__}, not a {cls.__name__}")
+    return model.eval()

@@ -228,18 +228,10 @@ class Transformer(nn.Module):
     @classmethod
     def from_pretrained(cls, folder) -> "Transformer":
         """Load a model folder (config.json + model.safetensors from training, `export` or
-        `import-taming`); a pipeline export's `transformer/` sub-folder is found too."""
-        from pathlib import Path
+        `import-taming`), in eval mode; a pipeline export's `transformer/` sub-folder is found too."""
+        from taming_dist.checkpoint.pretrained import load_pretrained
 
-        from taming_dist.checkpoint.pretrained import build_model_from_folder
-
-        folder = Path(folder)
-        if not (folder / "config.json").exists() and (folder / "transformer" / "config.json").exists():
-            folder = folder / "transformer"
-        model = build_model_from_folder(folder)
-        if not isinstance(model, cls):
-            raise ValueError(f"{folder} holds a {type(model).__name__}, not a Transformer")
-        return model.eval()
+        return load_pretrained(cls, folder, "transformer")
 
     @torch.no_grad()
     def decode_to_img(self, codes: torch.Tensor) -> torch.Tensor:

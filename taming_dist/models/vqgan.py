@@ -82,18 +82,10 @@ class VQModel(nn.Module):
     @classmethod
     def from_pretrained(cls, folder) -> "VQModel":
         """Load a model folder (config.json + model.safetensors from training, `export` or
-        `import-taming`); a pipeline export's `vqgan/` sub-folder is found too."""
-        from pathlib import Path
+        `import-taming`), in eval mode; a pipeline export's `vqgan/` sub-folder is found too."""
+        from taming_dist.checkpoint.pretrained import load_pretrained
 
-        from taming_dist.checkpoint.pretrained import build_model_from_folder
-
-        folder = Path(folder)
-        if not (folder / "config.json").exists() and (folder / "vqgan" / "config.json").exists():
-            folder = folder / "vqgan"
-        model = build_model_from_folder(folder)
-        if not isinstance(model, cls):
-            raise ValueError(f"{folder} holds a {type(model).__name__}, not a VQModel")
-        return model.eval()
+        return load_pretrained(cls, folder, "vqgan")
 
     def get_last_layer(self) -> torch.Tensor:
         """The weight the adaptive GAN weight is measured on (Esser et al. 2021, eq. 7)."""

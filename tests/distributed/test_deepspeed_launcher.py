@@ -62,7 +62,8 @@ def test_two_launchers_with_node_rank_simulate_two_nodes(one_node, tmp_path):
     launchers = [subprocess.Popen([DEEPSPEED, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(rank),
                                    "--master_addr", "127.0.0.1", "--master_port", str(port), *TRAIN,
                                    f"out_dir={tmp_path}", "name=two"],
-                                  cwd=REPO, env=util.test_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                  cwd=REPO, env=util.test_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True)
                  for rank in (0, 1)]
     outputs = []
     try:

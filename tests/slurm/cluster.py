@@ -22,16 +22,17 @@ PACKAGES = ["slurmd", "slurmctld", "slurm-client", "munge"]
 PROGRAMS = ["munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "squeue", "scancel", "sinfo"]
 
 
-def install_reason() -> str | None:
-    """Install the Debian packages when a program is missing; the reason they are unusable, or None."""
+def unusable_reason() -> str | None:
+    """Install the Debian packages when a program is missing; why SLURM cannot run here, or None."""
+    if os.geteuid() != 0:
+        return "not root: the test daemons run as root (SlurmUser=root) and installing them needs root"
     if all(shutil.which(p) for p in PROGRAMS):
         return None
-    if os.geteuid() != 0:
-        return f"SLURM programs missing ({', '.join(p for p in PROGRAMS if not shutil.which(p))}) and not root"
     if not shutil.which("apt-get"):
         return "SLURM programs missing and no apt-get to install Debian's " + " ".join(PACKAGES)
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "--no-install-recommends", *PACKAGES]
+    # Wait for another apt-get holding the lock rather than fail at once.
+    install = ["apt-get", "-o", "DPkg::Lock::Timeout=300", "install", "-y", "--no-install-recommends", *PACKAGES]
     p = subprocess.run(install, env=env, capture_output=True, text=True, timeout=600)
     if p.returncode != 0:  # a stale package index: refresh it once and retry
         subprocess.run(["apt-get", "update"], env=env, capture_output=True, timeout=600)

@@ -6,11 +6,11 @@ skipped, with the reason, only when that is impossible (not root, no apt-get, in
 """
 import pytest
 
-from tests.slurm.cluster import SlurmCluster, install_reason
+from tests.slurm.cluster import SlurmCluster, unusable_reason
 
 
 def _cluster(nodes):
-    reason = install_reason()
+    reason = unusable_reason()
     if reason:
         pytest.skip(f"no usable SLURM: {reason}")
     cluster = SlurmCluster(nodes).start()

@@ -47,7 +47,8 @@ def test_script_text(tmp_path):
     sbatch = [line for line in text.splitlines() if line.startswith("#SBATCH")]
     for want in ["--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--cpus-per-task=8", "--mem=64G",
                  "--time=1:30:00", "--partition=gpu", "--account=proj", "--exclusive", "--requeue",
-                 "--open-mode=append", "--job-name=vq", f"--chdir={tmp_path}", f"--output={tmp_path}/slurm_logs/%x-%j.out",
+                 "--open-mode=append", "--job-name=vq", f"--chdir={tmp_path}",
+                 f"--output={tmp_path}/slurm_logs/%x-%j.out",
                  # no "B:": the training tasks themselves must receive the signal
                  "--signal=USR1@100"]:
         assert f"#SBATCH {want}" in sbatch, want

@@ -28,7 +28,7 @@ def make_cfg(stage: str, engine: str, zero: int, precision: str, ac: bool, micro
               f"train.micro_batch_size={micro}", "logging.wandb_mode=disabled"]
     if stage == "vqgan":
         return load_config("vqgan-tiny", common + [
-            "loss.disc_start=0", "loss.lpips_backbone=random", "train.optim.lr=1e-4", "train.disc_optim.lr=1e-4",
+            "loss.disc_start=0", "loss.lpips_backbone=random", "loss.perceptual_weight=1.0", "train.optim.lr=1e-4", "train.disc_optim.lr=1e-4",
             "vqgan.ddconfig.ch=32", "vqgan.ddconfig.ch_mult=[1,2]", "vqgan.ddconfig.resolution=16",
             "vqgan.ddconfig.attn_resolutions=[8]", "loss.discriminator.n_layers=2",
             # BatchNorm statistics depend on the per-rank batch, so they cannot match one process.

@@ -169,3 +169,30 @@ def test_cli_writes_the_script(tmp_path, capsys):
     with pytest.raises(ValueError, match="no_such_key"):
         launch.run(bad)
     assert not (tmp_path / "u.sh").exists()
+
+
+def test_cli_submitit_passes_every_option(monkeypatch, capsys):
+    import argparse
+
+    import launch.submitit_launcher as submitit_launcher
+    from taming_dist.commands import launch as launch_cmd
+
+    calls = []
+
+    def fake_submit(config, overrides, **kw):
+        calls.append((config, overrides, kw))
+        return SimpleNamespace(job_id="77", paths=SimpleNamespace(stdout="/l/77_0_log.out", stderr="/l/77_0_log.err"))
+    monkeypatch.setattr(submitit_launcher, "submit", fake_submit)
+    parser = argparse.ArgumentParser()
+    launch_cmd.add_arguments(parser)
+    args = parser.parse_args(["submitit", "vqgan-tiny", "train.steps=5", "--nodes", "2", "--gpus-per-node", "8",
+                              "--cpus-per-task", "10", "--mem-gb", "64", "--partition", "gpu", "--account", "acc",
+                              "--qos", "high", "--time-min", "30", "--constraint", "a100", "--sbatch=--exclusive",
+                              "--setup", "module load cuda", "--master-addr", "10.0.0.1", "--resume", "none"])
+    assert launch_cmd.run(args) == 0
+    assert calls == [("vqgan-tiny", ["train.steps=5"], dict(
+        folder="slurm_logs/submitit/%j", master_addr="10.0.0.1", resume="none", setup=["module load cuda"], nodes=2,
+        gpus_per_node=8, tasks_per_node=None, cpus_per_task=10, mem_gb=64.0, partition="gpu", account="acc", qos="high",
+        time_min=30, constraint="a100", extra_sbatch=["--exclusive"], job_name="taming-dist", signal_delay_s=120))]
+    out = capsys.readouterr().out
+    assert "submitted job 77" in out and "/l/77_0_log.out" in out and "/l/77_0_log.err" in out

@@ -20,6 +20,7 @@ from tests.distributed.util import REPO
 pytestmark = pytest.mark.slow
 
 STEPS = 8
+ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}
 TINY = ["train.ckpt_every=4", "train.log_every=1", "train.image_every=0", "logging.wandb_mode=disabled",
         "logging.progress=false", "data.synthetic_samples=256", "vqgan.ddconfig.ch=32", "vqgan.ddconfig.ch_mult=[1,2]",
         "vqgan.ddconfig.resolution=16", "data.size=16", "vqgan.ddconfig.attn_resolutions=[8]",
@@ -63,15 +64,23 @@ def preempt(cluster, job_id: str, run_dir: Path, sig: str) -> dict:
     requeue hold (about 2 minutes otherwise) and wait for it to finish."""
     wait_for(lambda: step_losses(run_dir), 180, "no training step logged", cluster, job_id)
     cluster.cmd(["scancel", f"--signal={sig}", job_id])
-    wait_for(lambda: cluster.job(job_id).get("Restarts") == "1", 120, "not requeued", cluster, job_id)
+    info: dict = {}
+
+    def requeued_or_ended() -> bool:
+        info.update(cluster.job(job_id))
+        return info.get("Restarts") == "1" or info.get("JobState") in ENDED
+    wait_for(requeued_or_ended, 120, "neither requeued nor ended", cluster, job_id)
+    assert info["Restarts"] == "1", f"the job ended without a requeue: {info}"
 
     def released() -> bool:
         state = cluster.job(job_id).get("JobState")
-        if state == "PENDING":  # refused while the old run still completes: retried until it runs
+        # Only once the old run is completely gone from the node: started earlier, slurmd refuses the
+        # launch ("Job credential revoked") and the job fails. SLURM's own hold exists for this.
+        if state == "PENDING" and cluster.nodes_idle():
             cluster.cmd(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=False)
         return state not in ("PENDING", "REQUEUED", "COMPLETING")
     wait_for(released, 120, "requeued job never started again", cluster, job_id)
-    return cluster.wait_job(job_id, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=240)
+    return cluster.wait_job(job_id, ENDED, timeout=240)
 
 
 def assert_resumed_like(reference: list, run_dir: Path):
@@ -99,7 +108,7 @@ def straight(slurm_env, tmp_path_factory):
     out = tmp_path_factory.mktemp("straight")
     job = submit("vqgan-tiny", overrides(out, "straight"), tasks_per_node=2, time_min=10, job_name="straight",
                  folder=str(out / "submitit" / "%j"))
-    info = slurm_env.wait_job(job.job_id, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=300)
+    info = slurm_env.wait_job(job.job_id, ENDED, timeout=300)
     return job, info, out / "straight"
 
 
@@ -158,7 +167,7 @@ def test_two_simulated_nodes_one_task_each(slurm2, straight, tmp_path):
                        timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr
     job_id = re.search(r"submitted job (\d+)", p.stdout).group(1)
-    info = slurm2.wait_job(job_id, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=300)
+    info = slurm2.wait_job(job_id, ENDED, timeout=300)
     log = (tmp_path / "slurm_logs" / f"n2-{job_id}.out").read_text()
     assert info["JobState"] == "COMPLETED", (info, log[-3000:])
     assert (info["NumNodes"], info["NumTasks"], info["NodeList"]) == ("2", "2", "n[1-2]")

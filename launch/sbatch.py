@@ -196,7 +196,7 @@ def render_script(config: str, overrides: list[str] | tuple = (), res: SlurmReso
           "",
           f'if [ "$status" -eq {EXIT_STOPPED} ]; then',
           "    # Stopped on the signal with a checkpoint written. Requeue: the job returns to the queue with",
-          "    # the same id (SLURM holds it back for about 2 minutes; once its nodes are idle again,",
+          "    # the same id (SLURM holds it back for about 2 minutes; a few seconds after the requeue,",
           "    # `scontrol update JobId=ID StartTime=now` releases it) and `train` resumes from the latest",
           "    # checkpoint. A cancelled job never gets here: scancel also stops this batch shell.",
           f'    echo "training stopped with a checkpoint (status {EXIT_STOPPED}): requeueing job $SLURM_JOB_ID"',

@@ -23,6 +23,8 @@ def read_meta(ckpt: Path) -> dict:
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder, a run's `checkpoints/` folder or a run folder -> the checkpoint folder."""
     p = Path(path)
+    if (p / "meta.pt").exists():
+        return p
     for cand in (p / "checkpoints" / "latest", p / "latest"):
         if cand.exists():
             return cand.parent / cand.read_text().strip()

@@ -1,7 +1,8 @@
-"""Model folders: `config.json` (the model's config only) + `model.safetensors`.
+"""Model folders: `config.json` (format, model type, the model's config) + `model.safetensors`.
 
 Written by training (runs/<name>/model), `export` and `import-taming`; read with no training code,
-no DeepSpeed and no process group.
+no DeepSpeed and no process group. The models import this module lazily (inside
+`from_pretrained`), since it imports them.
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import dataclasses
 import json
 import os
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -17,32 +19,50 @@ from taming_dist.config import TransformerModelConfig, VQModelConfig, from_dict
 
 FORMAT = "taming_dist"
 _CONFIGS = {"vqgan": VQModelConfig, "transformer": TransformerModelConfig}
+_RESERVED = ("format", "model_type", "config")
+
+
+def _safetensors_ready(state_dict: dict, dtype: torch.dtype | None) -> dict:
+    """CPU, contiguous tensors; those sharing storage with another entry are cloned, since
+    safetensors refuses shared memory (tied weights are saved once per key)."""
+    owners = Counter(v.untyped_storage().data_ptr() for v in state_dict.values() if v.numel())
+    out = {}
+    for k, v in state_dict.items():
+        t = v.detach().cpu()
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        shared = v.numel() and owners[v.untyped_storage().data_ptr()] > 1
+        out[k] = t.clone(memory_format=torch.contiguous_format) if shared else t.contiguous()
+    return out
 
 
 def save_model_folder(folder, model_type: str, cfg, state_dict: dict, extra_meta: dict | None = None,
                       dtype: torch.dtype | None = None) -> Path:
-    """Write atomically: into `<folder>.tmp`, then renamed over `folder`."""
+    """Write `folder` atomically: into `<folder>.tmp`, then renamed into place (a previous folder
+    is moved aside to `<folder>.old` first and removed last). `dtype` casts floating tensors."""
     from safetensors.torch import save_file
 
     if model_type not in _CONFIGS:
         raise ValueError(f"model_type {model_type!r} is not one of {', '.join(_CONFIGS)}")
+    if not isinstance(cfg, _CONFIGS[model_type]):
+        raise ValueError(f"a {model_type} folder needs a {_CONFIGS[model_type].__name__}, got {type(cfg).__name__}")
+    clash = [k for k in (extra_meta or {}) if k in _RESERVED]
+    if clash:
+        raise ValueError(f"extra_meta may not set {clash}: config.json owns {', '.join(_RESERVED)}")
     folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
+    for stale in (tmp, old):
+        if stale.exists():
+            shutil.rmtree(stale)
     tmp.mkdir(parents=True)
-    tensors = {}
-    for k, v in state_dict.items():
-        v = v.detach().cpu()
-        if dtype is not None and v.is_floating_point():
-            v = v.to(dtype)
-        tensors[k] = v.contiguous().clone()  # clone: safetensors refuses shared storage
-    save_file(tensors, str(tmp / "model.safetensors"))
+    save_file(_safetensors_ready(state_dict, dtype), str(tmp / "model.safetensors"))
     meta = {"format": FORMAT, "model_type": model_type, "config": dataclasses.asdict(cfg), **(extra_meta or {})}
     (tmp / "config.json").write_text(json.dumps(meta, indent=2))
     if folder.exists():
-        shutil.rmtree(folder)
+        os.replace(folder, old)
     os.replace(tmp, folder)
+    if old.exists():
+        shutil.rmtree(old)
     return folder
 
 
@@ -58,7 +78,8 @@ def load_model_folder(folder) -> tuple[str, object, dict]:
     meta = json.loads(cfg_file.read_text())
     if meta.get("format") != FORMAT or meta.get("model_type") not in _CONFIGS:
         raise ValueError(f"{cfg_file} is not a taming_dist model config (format={meta.get('format')!r}, "
-                         f"model_type={meta.get('model_type')!r})")
+                         f"model_type={meta.get('model_type')!r}; expected format {FORMAT!r}, model_type one of "
+                         f"{', '.join(_CONFIGS)})")
     cfg = from_dict(_CONFIGS[meta["model_type"]], meta["config"], str(cfg_file))
     cfg.validate()
     return meta["model_type"], cfg, load_file(str(weights))

@@ -135,7 +135,7 @@ class DeepSpeedEngine(Engine):
 
     def save(self, path, units):
         for name, u in units.items():
-            u.module.save_checkpoint(path, tag=name)
+            u.module.save_checkpoint(path, tag=name, save_latest=False)
             if u.ema:
                 torch.save(u.ema, f"{path}/{name}/ema_rank{self.env.rank:05d}.pt")
 

@@ -30,28 +30,35 @@ class DistEnv:
         return self.world_size > 1
 
 
+def _expand_ranges(ranges: str, nodelist: str) -> list[str]:
+    out = []
+    for r in ranges.split(","):
+        if "-" in r:
+            lo, hi = r.split("-", 1)
+            if not (lo.isdigit() and hi.isdigit()):
+                raise ValueError(f"cannot parse range {r!r} in SLURM node list {nodelist!r}")
+            out.extend(f"{i:0{len(lo)}d}" for i in range(int(lo), int(hi) + 1))
+        else:
+            out.append(r)
+    return out
+
+
+def _expand_host(pattern: str, nodelist: str) -> list[str]:
+    """`a[1-2]b[3-4]` -> a1b3 a1b4 a2b3 a2b4 (each bracket group multiplies, as scontrol does)."""
+    m = re.search(r"\[([^\]]*)\]", pattern)
+    if not m:
+        return [pattern]
+    head, tail = pattern[:m.start()], pattern[m.end():]
+    return [f"{head}{r}{rest}" for r in _expand_ranges(m.group(1), nodelist) for rest in _expand_host(tail, nodelist)]
+
+
 def expand_nodelist(nodelist: str) -> list[str]:
     """Expand a SLURM node list such as `gpu[01-04,07],cpu3` into host names, in order."""
     hosts: list[str] = []
     # Split on commas that are not inside brackets.
-    for part in re.findall(r"[^,\[]+(?:\[[^\]]*\])?[^,]*", nodelist):
-        part = part.strip()
-        if not part:
-            continue
-        m = re.fullmatch(r"([^\[]*)\[([^\]]*)\](.*)", part)
-        if not m:
-            hosts.append(part)
-            continue
-        prefix, ranges, suffix = m.groups()
-        for r in ranges.split(","):
-            if "-" in r:
-                lo, hi = r.split("-", 1)
-                if not (lo.isdigit() and hi.isdigit()):
-                    raise ValueError(f"cannot parse range {r!r} in SLURM node list {nodelist!r}")
-                width = len(lo)
-                hosts.extend(f"{prefix}{i:0{width}d}{suffix}" for i in range(int(lo), int(hi) + 1))
-            else:
-                hosts.append(f"{prefix}{r}{suffix}")
+    for part in re.findall(r"(?:[^,\[]|\[[^\]]*\])+", nodelist):
+        if part.strip():
+            hosts.extend(_expand_host(part.strip(), nodelist))
     return hosts
 
 
@@ -88,6 +95,8 @@ def env_from_environ(environ: dict | None = None) -> DistEnv:
         addr = env.get("MASTER_ADDR") or (expand_nodelist(nodelist)[0] if nodelist else "127.0.0.1")
         job_id = env.get("SLURM_JOB_ID", "0")
         port = int(env["MASTER_PORT"]) if "MASTER_PORT" in env else 20000 + int(re.sub(r"\D", "", job_id) or 0) % 20000
+        if not 0 <= rank < world:
+            raise ValueError(f"SLURM_PROCID={rank} is outside SLURM_NTASKS={world}")
         return DistEnv(rank, world, local_rank, local_world, addr, port, "slurm")
     else:
         return DistEnv()

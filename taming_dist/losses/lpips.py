@@ -1,9 +1,10 @@
 """LPIPS (Zhang et al. 2018) from the `lpips` package, built with no network access.
 
-The package's linear layers ship inside it (lpips/weights/v0.1/vgg.pth); the VGG16 backbone is
-read from a local torchvision weights file, because `lpips.LPIPS(net="vgg")` would otherwise
-download it (shared/notes/platform-facts.md). The module's keys (`scaling_layer.*`,
-`net.sliceK.N.*`, `lin0..lin4.model.1.weight`) are the original taming LPIPS keys.
+`lpips.LPIPS(net="vgg")` would download the VGG16 ImageNet backbone (shared/notes/platform-facts.md),
+so it is built with a random backbone and the package's bundled linear layers
+(lpips/weights/v0.1/vgg.pth), then the backbone is read from a local file. The module's keys
+(`scaling_layer.*`, `net.sliceK.N.*`, `lin0..lin4.model.1.weight`) are the original taming LPIPS
+keys; the package adds the aliases `lins.<i>.*` of `lin<i>.*` (the same modules).
 """
 from __future__ import annotations
 
@@ -16,8 +17,13 @@ import torch.nn as nn
 from taming_dist.config import VQLossConfig
 
 VGG16_FILE = "vgg16-397923af.pth"
-# torchvision vgg16().features index -> lpips slice holding it
-_SLICES = [(1, range(0, 4)), (2, range(4, 9)), (3, range(9, 16)), (4, range(16, 23)), (5, range(23, 30))]
+# torchvision's vgg16().features index N -> the lpips slice K holding it (`net.sliceK.N.*`)
+_SLICE_OF = {n: k for k, rng in enumerate([range(0, 4), range(4, 9), range(9, 16), range(16, 23), range(23, 30)], 1)
+             for n in rng}
+_N_BACKBONE = 26  # 13 convolutions x (weight, bias)
+# Where LPIPS weights sit in files of the taming layout: an LPIPS state dict, our `loss.safetensors`
+# (import-taming --keep-loss), or an original VQGAN checkpoint's state_dict.
+_LPIPS_PREFIXES = ("", "perceptual_loss.", "loss.perceptual_loss.")
 
 
 def vgg16_candidates(cfg: VQLossConfig) -> list[Path]:
@@ -30,16 +36,37 @@ def map_vgg16_features(state: dict) -> dict:
     """torchvision `features.N.{weight,bias}` -> lpips `net.sliceK.N.{weight,bias}`."""
     out = {}
     for k, v in state.items():
-        if not k.startswith("features."):
+        parts = k.split(".")
+        if len(parts) != 3 or parts[0] != "features" or not parts[1].isdigit():
             continue
-        _, idx, kind = k.split(".")
-        for s, rng in _SLICES:
-            if int(idx) in rng:
-                out[f"net.slice{s}.{idx}.{kind}"] = v
+        idx = int(parts[1])
+        if idx in _SLICE_OF:
+            out[f"net.slice{_SLICE_OF[idx]}.{idx}.{parts[2]}"] = v
     return out
 
 
+def lpips_weights_from(obj, path) -> dict:
+    """The LPIPS tensors in a loaded file: a torchvision VGG16 state dict (backbone only), or the
+    taming layout (backbone and `lin<i>` layers) at any of `_LPIPS_PREFIXES`, also inside a
+    Lightning checkpoint's `state_dict`."""
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else {}
+    mapped = map_vgg16_features(state)
+    if not mapped:
+        for prefix in _LPIPS_PREFIXES:
+            if f"{prefix}net.slice1.0.weight" in state:
+                mapped = {k[len(prefix):]: v for k, v in state.items()
+                          if k.startswith(prefix) and k[len(prefix):].startswith(("net.slice", "lin"))}
+                break
+    n = sum(k.startswith("net.slice") for k in mapped)
+    if n != _N_BACKBONE:
+        raise ValueError(f"{path} holds no VGG16 backbone: found {n} of its {_N_BACKBONE} conv tensors (expected "
+                         f"torchvision's `features.N.*` keys as in {VGG16_FILE}, or taming's `net.sliceK.N.*`)")
+    return mapped
+
+
 def build_lpips(cfg: VQLossConfig) -> nn.Module:
+    """A frozen `lpips.LPIPS(net="vgg")` in eval mode: call it on images in [-1, 1]; it returns the
+    per-image distance (B, 1, 1, 1)."""
     import lpips
 
     from taming_dist.checkpoint.safe_load import safe_load
@@ -49,30 +76,24 @@ def build_lpips(cfg: VQLossConfig) -> nn.Module:
         warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
         model = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
     if cfg.lpips_backbone != "random":
-        path = next((p for p in vgg16_candidates(cfg) if p.exists()), None)
+        candidates = vgg16_candidates(cfg)
+        path = next((p for p in candidates if p.exists()), None)
         if path is None:
-            tried = ", ".join(str(p) for p in vgg16_candidates(cfg))
             raise FileNotFoundError(
-                f"LPIPS needs the VGG16 ImageNet weights ({VGG16_FILE}) and there is no network to download them; "
-                f"looked for: {tried}. Copy torchvision's {VGG16_FILE} there (or set loss.lpips_vgg_path), "
-                "or use loss.lpips_backbone=random for tests (useless for training quality)"
+                f"LPIPS needs the VGG16 ImageNet weights and there is no network to download them; looked for "
+                f"{', '.join(map(str, candidates))}. Copy torchvision's {VGG16_FILE} there (or point "
+                "loss.lpips_vgg_path at it, or at an original taming VQGAN checkpoint / the loss.safetensors of "
+                "`import-taming --keep-loss`, which hold the same backbone), or set loss.lpips_backbone=random "
+                "for tests (useless for training quality)"
             )
-        mapped = map_vgg16_features(safe_load(str(path)))
-        if len(mapped) != 26:
-            raise ValueError(f"{path} is not a torchvision VGG16 state dict: found {len(mapped)} of its 26 "
-                             "`features.*` conv tensors")
-        missing = model.load_state_dict(mapped, strict=False).unexpected_keys
-        if missing:
-            raise ValueError(f"unexpected VGG16 keys in {path}: {missing[:5]}")
+        weights = lpips_weights_from(safe_load(path), path)
+        try:
+            unexpected = model.load_state_dict(weights, strict=False).unexpected_keys
+        except RuntimeError as e:  # shape mismatches
+            raise ValueError(f"{path}: the LPIPS weights do not fit VGG16-LPIPS: {e}") from None
+        if unexpected:
+            raise ValueError(f"{path}: keys that VGG16-LPIPS does not have: {unexpected[:5]}")
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return model
-
-
-def lpips_state_dict(model: nn.Module) -> dict:
-    """The original taming key layout: the package's `lins.<i>` aliases of `lin<i>` dropped."""
-    return {k: v for k, v in model.state_dict().items() if not k.startswith("lins.")}
-
-
-__all__ = ["build_lpips", "lpips_state_dict", "map_vgg16_features", "VGG16_FILE"]

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from PIL import Image
 
 from tests.distributed.util import REPO, run, test_env
@@ -76,6 +77,15 @@ def test_transformer_trains_from_extracted_codes(tmp_path):
     model = build_model_from_folder(tmp_path / "tr" / "model")
     assert model.config.first_stage.ddconfig.resolution == 16
     assert (tmp_path / "codes" / "manifest.json").exists()
+    # a pipeline export: vqgan/ + transformer/, each loadable with no training code
+    cli("export", str(tmp_path / "tr"), str(tmp_path / "pipe"))
+    from taming_dist.models import Transformer, VQModel
+
+    t, v = Transformer.from_pretrained(tmp_path / "pipe"), VQModel.from_pretrained(tmp_path / "pipe")
+    for k, w in v.state_dict().items():
+        assert torch.equal(w, t.first_stage_model.state_dict()[k]), k
+    for k, w in model.transformer.state_dict().items():
+        assert torch.equal(w, t.transformer.state_dict()[k]), k
 
 
 @pytest.mark.slow

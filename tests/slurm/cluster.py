@@ -140,11 +140,6 @@ class SlurmCluster:
             time.sleep(poll)
         raise TimeoutError(f"job {job_id} not in {states} after {timeout}s: {info}\n{self.logs()}")
 
-    def nodes_idle(self) -> bool:
-        """Every node idle: no job running and none still completing (its processes and epilog)."""
-        out = self.cmd(["sinfo", "-h", "-N", "-o", "%N %t"], check=False).stdout.split()
-        return bool(out) and all(state == "idle" for state in out[1::2])
-
     def logs(self) -> str:
         parts = []
         for f in sorted((self.root / "log").glob("*.log")):

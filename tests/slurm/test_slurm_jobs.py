@@ -71,12 +71,14 @@ def preempt(cluster, job_id: str, run_dir: Path, sig: str) -> dict:
         return info.get("Restarts") == "1" or info.get("JobState") in ENDED
     wait_for(requeued_or_ended, 120, "neither requeued nor ended", cluster, job_id)
     assert info["Restarts"] == "1", f"the job ended without a requeue: {info}"
+    requeued_at = time.time()
 
     def released() -> bool:
         state = cluster.job(job_id).get("JobState")
-        # Only once the old run is completely gone from the node: started earlier, slurmd refuses the
-        # launch ("Job credential revoked") and the job fails. SLURM's own hold exists for this.
-        if state == "PENDING" and cluster.nodes_idle():
+        # Not in the second of the requeue: slurmd accepts the new run's credential only if it was
+        # created in a later second than the old run's kill (slurm_cred_revoked: ctime <= revoked),
+        # else "Job credential revoked" and the job fails. SLURM's own ~2 minute hold avoids this.
+        if state == "PENDING" and time.time() > requeued_at + 2:
             cluster.cmd(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=False)
         return state not in ("PENDING", "REQUEUED", "COMPLETING")
     wait_for(released, 120, "requeued job never started again", cluster, job_id)

@@ -71,15 +71,11 @@ def test_deepspeed_launcher_environment():
     assert (env.rank, env.world_size, env.local_rank, env.master_port) == (1, 2, 0, 29500)
 
 
-@pytest.mark.xfail(strict=True, reason="engines/dist.py checks the rank range only for RANK/WORLD_SIZE, not for "
-                                       "SLURM_PROCID/SLURM_NTASKS (reported to the lead)")
 def test_slurm_rank_outside_ntasks_is_an_error():
     with pytest.raises(ValueError, match="outside"):
         env_from_environ({"SLURM_PROCID": "3", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "n[1-2]"})
 
 
-@pytest.mark.xfail(strict=True, reason="expand_nodelist expands one bracket per name; SLURM expands "
-                                       "`a[1-2]b[3-4]` to the product (reported to the lead)")
 def test_expand_nodelist_several_brackets_in_one_name():
     # `scontrol show hostnames 'a[1-2]b[3-4]'` on Slurm 22.05
     assert expand_nodelist("a[1-2]b[3-4]") == ["a1b3", "a1b4", "a2b3", "a2b4"]

@@ -63,8 +63,10 @@ def _original_vq_params(vq, loss=None) -> dict:
         params["lossconfig"] = {
             "target": "taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator",
             "params": {"disc_conditional": False, "disc_in_channels": loss.discriminator.input_nc,
-                       "disc_start": loss.disc_start, "disc_weight": loss.disc_weight,
-                       "codebook_weight": loss.codebook_weight, "disc_num_layers": loss.discriminator.n_layers,
+                       "disc_ndf": loss.discriminator.ndf, "disc_start": loss.disc_start,
+                       "disc_weight": loss.disc_weight, "disc_factor": loss.disc_factor,
+                       "codebook_weight": loss.codebook_weight, "pixelloss_weight": loss.pixel_weight,
+                       "perceptual_weight": loss.perceptual_weight, "disc_num_layers": loss.discriminator.n_layers,
                        "use_actnorm": loss.discriminator.norm == "actnorm", "disc_loss": loss.disc_loss},
         }
     else:

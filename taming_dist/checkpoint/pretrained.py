@@ -22,7 +22,7 @@ _CONFIGS = {"vqgan": VQModelConfig, "transformer": TransformerModelConfig}
 _RESERVED = ("format", "model_type", "config")
 
 
-def _safetensors_ready(state_dict: dict, dtype: torch.dtype | None) -> dict:
+def safetensors_state(state_dict: dict, dtype: torch.dtype | None = None) -> dict:
     """CPU, contiguous tensors; those sharing storage with another entry are cloned, since
     safetensors refuses shared memory (tied weights are saved once per key)."""
     owners = Counter(v.untyped_storage().data_ptr() for v in state_dict.values() if v.numel())
@@ -37,9 +37,11 @@ def _safetensors_ready(state_dict: dict, dtype: torch.dtype | None) -> dict:
 
 
 def save_model_folder(folder, model_type: str, cfg, state_dict: dict, extra_meta: dict | None = None,
-                      dtype: torch.dtype | None = None) -> Path:
+                      dtype: torch.dtype | None = None, extra_tensors: dict[str, dict] | None = None) -> Path:
     """Write `folder` atomically: into `<folder>.tmp`, then renamed into place (a previous folder
-    is moved aside to `<folder>.old` first and removed last). `dtype` casts floating tensors."""
+    is moved aside to `<folder>.old` first and removed last). `dtype` casts floating tensors;
+    `extra_meta` adds keys to config.json; `extra_tensors` maps a file name (e.g. `loss.safetensors`)
+    to more tensors saved beside the model."""
     from safetensors.torch import save_file
 
     if model_type not in _CONFIGS:
@@ -49,13 +51,19 @@ def save_model_folder(folder, model_type: str, cfg, state_dict: dict, extra_meta
     clash = [k for k in (extra_meta or {}) if k in _RESERVED]
     if clash:
         raise ValueError(f"extra_meta may not set {clash}: config.json owns {', '.join(_RESERVED)}")
+    for name in extra_tensors or {}:
+        if name == "model.safetensors" or not name.endswith(".safetensors") or "/" in name:
+            raise ValueError(f"extra_tensors file name {name!r} must be a plain `*.safetensors` name other than "
+                             "model.safetensors")
     folder = Path(folder)
     tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
     for stale in (tmp, old):
         if stale.exists():
             shutil.rmtree(stale)
     tmp.mkdir(parents=True)
-    save_file(_safetensors_ready(state_dict, dtype), str(tmp / "model.safetensors"))
+    save_file(safetensors_state(state_dict, dtype), str(tmp / "model.safetensors"))
+    for name, tensors in (extra_tensors or {}).items():
+        save_file(safetensors_state(tensors, dtype), str(tmp / name))
     meta = {"format": FORMAT, "model_type": model_type, "config": dataclasses.asdict(cfg), **(extra_meta or {})}
     (tmp / "config.json").write_text(json.dumps(meta, indent=2))
     if folder.exists():

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-# Namespaces whose classes are metadata in Lightning checkpoints and never needed for weights.
+# Namespaces of the metadata classes in Lightning checkpoints (never needed for weights), and of the
+# typing names that omegaconf's metadata refers to.
 METADATA_PREFIXES = ("pytorch_lightning.", "lightning.", "lightning_fabric.", "omegaconf.", "typing.")
 METADATA_NAMES = frozenset({
     "argparse.Namespace",
@@ -157,17 +158,21 @@ def safe_load(path: str | Path, map_location="cpu"):
             name = found and (found.group(1) if "." in found.group(1) else f"builtins.{found.group(1)}")
             if name is None or name in wanted:
                 reason = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
-                raise ValueError(f"{path} could not be loaded with weights_only=True ({reason}); nothing in it was "
-                                 "executed. If you trust the file, convert it in a trusted environment (torch.load "
-                                 "with weights_only=False, then safetensors.torch.save_file of its state_dict)") from None
+                raise ValueError(
+                    f"{path} could not be loaded with weights_only=True ({reason}); nothing in it was executed. If you "
+                    "trust the file, convert it in a trusted environment (torch.load with weights_only=False, then "
+                    "safetensors.torch.save_file of its state_dict)") from None
             if not is_metadata_global(name):
                 raise _refused(path, [name]) from None
             wanted.add(name)
     else:
         raise ValueError(f"{path} pickles more than {_MAX_RETRIES} metadata classes; convert it to safetensors")
     if records.made or records.classes:
-        used = sorted(set(records.classes) | {name for _, name, _ in records.made.values()})
-        warnings.warn(f"{path}: metadata read as plain-data stand-ins (the classes were not imported and no code "
-                      f"ran; omegaconf types/flags are dropped): {', '.join(used)}", stacklevel=2)
+        lossy = sorted(n for n in set(records.classes) | {n for _, n, _ in records.made.values()}
+                       if n.startswith("omegaconf."))
+        if lossy:
+            warnings.warn(f"{path}: omegaconf metadata read as plain dicts and lists through inert stand-ins (not "
+                          f"imported, no code ran); their type annotations and flags are dropped: {', '.join(lossy)}",
+                          stacklevel=2)
         obj = records.plain(obj)
     return obj

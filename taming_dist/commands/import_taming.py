@@ -5,13 +5,16 @@ EXAMPLE = ("taming-dist import-taming vqgan_imagenet_f16_1024/ckpts/last.ckpt mo
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("checkpoint", help="the original .ckpt (or a bare state dict file)")
-    parser.add_argument("out", help="output model folder (config.json + model.safetensors)")
-    parser.add_argument("--kind", default="auto", choices=["auto", "vqgan", "gumbel", "net2net"])
-    parser.add_argument("--config", default=None, help="the original YAML released beside the checkpoint")
-    parser.add_argument("--preset", default=None, help="our preset to take hyper-parameters from, when no YAML")
+    parser.add_argument("checkpoint", metavar="IN", help="the original .ckpt (or a bare state dict file)")
+    parser.add_argument("out", metavar="OUT", help="output model folder (config.json + model.safetensors)")
+    parser.add_argument("--kind", default="auto", choices=["auto", "vqgan", "gumbel", "net2net"],
+                        help="model class of the checkpoint (default: detected from its keys)")
+    parser.add_argument("--config", default=None,
+                        help="the original YAML released beside the checkpoint (model: target, params); "
+                             "needed when the checkpoint stores no hyper_parameters, as the released ones do not")
+    parser.add_argument("--preset", default=None, help="take the architecture from one of our presets instead")
     parser.add_argument("--keep-loss", action="store_true",
-                        help="keep loss.* (discriminator, LPIPS) in loss.safetensors, for fine-tuning")
+                        help="keep loss.* (PatchGAN discriminator, LPIPS) in OUT/loss.safetensors, for fine-tuning")
 
 
 def run(args) -> int:

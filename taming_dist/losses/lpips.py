@@ -20,10 +20,17 @@ VGG16_FILE = "vgg16-397923af.pth"
 # torchvision's vgg16().features index N -> the lpips slice K holding it (`net.sliceK.N.*`)
 _SLICE_OF = {n: k for k, rng in enumerate([range(0, 4), range(4, 9), range(9, 16), range(16, 23), range(23, 30)], 1)
              for n in rng}
-_N_BACKBONE = 26  # 13 convolutions x (weight, bias)
+_VGG16_CONVS = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)  # features indices holding weights
+_N_BACKBONE = 2 * len(_VGG16_CONVS)
 # Where LPIPS weights sit in files of the taming layout: an LPIPS state dict, our `loss.safetensors`
 # (import-taming --keep-loss), or an original VQGAN checkpoint's state_dict.
 _LPIPS_PREFIXES = ("", "perceptual_loss.", "loss.perceptual_loss.")
+
+
+def lpips_keys() -> list[str]:
+    """The keys of the original taming LPIPS (the package's `lins.<i>` aliases excluded)."""
+    net = [f"net.slice{_SLICE_OF[n]}.{n}.{kind}" for n in _VGG16_CONVS for kind in ("weight", "bias")]
+    return ["scaling_layer.shift", "scaling_layer.scale", *net, *(f"lin{i}.model.1.weight" for i in range(5))]
 
 
 def vgg16_candidates(cfg: VQLossConfig) -> list[Path]:
@@ -71,11 +78,8 @@ def build_lpips(cfg: VQLossConfig) -> nn.Module:
 
     from taming_dist.checkpoint.safe_load import safe_load
 
-    with warnings.catch_warnings():
-        # lpips calls torchvision's deprecated `vgg16(pretrained=False)`; only that call is muted.
-        warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
-        model = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
-    if cfg.lpips_backbone != "random":
+    weights, path = None, None
+    if cfg.lpips_backbone != "random":  # read (and check) the file before the 2 s VGG16 build
         candidates = vgg16_candidates(cfg)
         path = next((p for p in candidates if p.exists()), None)
         if path is None:
@@ -87,6 +91,11 @@ def build_lpips(cfg: VQLossConfig) -> nn.Module:
                 "for tests (useless for training quality)"
             )
         weights = lpips_weights_from(safe_load(path), path)
+    with warnings.catch_warnings():
+        # lpips calls torchvision's deprecated `vgg16(pretrained=False)`; only that call is muted.
+        warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
+        model = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
+    if weights is not None:
         try:
             unexpected = model.load_state_dict(weights, strict=False).unexpected_keys
         except RuntimeError as e:  # shape mismatches

@@ -1,0 +1,166 @@
+"""The VQGAN loss terms against hand computations and the original formulas; LPIPS built offline."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from taming_dist.config import VQLossConfig
+from taming_dist.losses.lpips import VGG16_FILE, build_lpips, lpips_keys
+from taming_dist.losses.vqgan import VQGANLoss
+
+# torchvision's VGG16 `features`: conv output widths, "M" = max-pool (a layer without weights)
+VGG16_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
+
+
+def fake_vgg16_features(seed: int = 0) -> dict:
+    """Random tensors with the keys and shapes of torchvision's vgg16-397923af.pth `features.*`."""
+    g = torch.Generator().manual_seed(seed)
+    out, idx, cin = {}, 0, 3
+    for v in VGG16_CFG:
+        if v == "M":
+            idx += 1
+            continue
+        out[f"features.{idx}.weight"] = torch.randn(v, cin, 3, 3, generator=g) * 0.05
+        out[f"features.{idx}.bias"] = torch.randn(v, generator=g) * 0.05
+        idx, cin = idx + 2, v  # conv, ReLU
+    return out
+
+
+def _loss(**kw) -> VQGANLoss:
+    return VQGANLoss(VQLossConfig(lpips_backbone="random", **{"perceptual_weight": 0.0, **kw}))
+
+
+@pytest.fixture(scope="module")
+def lpips_loss() -> VQGANLoss:
+    torch.manual_seed(0)  # the random backbone
+    return _loss(perceptual_weight=0.7, pixel_weight=2.0)
+
+
+def test_reconstruction_is_weighted_l1_plus_weighted_lpips(lpips_loss):
+    torch.manual_seed(1)
+    x, r = torch.rand(2, 3, 16, 16) * 2 - 1, torch.rand(2, 3, 16, 16) * 2 - 1
+    nll, logs = lpips_loss.reconstruction_loss(x, r)
+    p = lpips_loss.perceptual_loss(x, r)
+    assert p.shape == (2, 1, 1, 1) and float(p.min()) > 0
+    expected = (2.0 * (x - r).abs() + 0.7 * p).mean()
+    torch.testing.assert_close(nll, expected)
+    assert float(logs["lpips"]) == pytest.approx(float(p.mean()), rel=1e-5)
+    assert float(logs["l1"]) == pytest.approx(float((x - r).abs().mean()), rel=1e-6)
+    assert float(lpips_loss.reconstruction_loss(x, x)[0]) == pytest.approx(0.0, abs=1e-6)
+    lpips_loss.train()
+    assert not lpips_loss.perceptual_loss.training  # frozen, whatever the caller's mode
+    assert not any(q.requires_grad for q in lpips_loss.perceptual_loss.parameters())
+
+
+def test_no_lpips_when_its_weight_is_zero():
+    loss = _loss(pixel_weight=0.5)
+    assert loss.perceptual_loss is None
+    nll, logs = loss.reconstruction_loss(torch.zeros(1, 3, 8, 8), torch.ones(1, 3, 8, 8))
+    assert float(nll) == 0.5 and "lpips" not in logs
+
+
+def test_generator_adversarial_terms():
+    fake = torch.tensor([-0.5, 1.0, 2.5])
+    assert float(_loss(disc_loss="hinge").generator_adv_loss(fake)) == pytest.approx(-1.0)
+    assert float(_loss(disc_loss="vanilla").generator_adv_loss(fake)) == pytest.approx(-1.0)
+    ns = float(_loss(disc_loss="non_saturating").generator_adv_loss(fake))
+    assert ns == pytest.approx(sum(torch.log1p(torch.exp(-fake)).tolist()) / 3)
+
+
+def test_discriminator_terms():
+    real, fake = torch.tensor([0.5, 2.0]), torch.tensor([-0.5, 1.0])
+    d, logs = _loss(disc_loss="hinge").discriminator_loss(real, fake, step=0)
+    # relu(1 - real) = [0.5, 0], relu(1 + fake) = [0.5, 2]
+    assert float(d) == pytest.approx(0.5 * (0.25 + 1.25))
+    assert float(logs["logits_real"]) == 1.25 and float(logs["logits_fake"]) == 0.25
+    logistic = 0.5 * (F.softplus(-real).mean() + F.softplus(fake).mean())
+    for kind in ("vanilla", "non_saturating"):
+        d, _ = _loss(disc_loss=kind).discriminator_loss(real, fake, step=0)
+        assert float(d) == pytest.approx(float(logistic))
+
+
+def test_generator_loss_sums_the_terms():
+    loss = _loss(codebook_weight=0.5, disc_factor=0.8)
+    nll, q, g = torch.tensor(1.5), torch.tensor([2.0, 4.0]), torch.tensor(-3.0)
+    total, logs = loss.generator_loss(nll, q, g, torch.tensor(0.25), step=0)
+    assert float(total) == pytest.approx(1.5 + 0.25 * 0.8 * -3.0 + 0.5 * 3.0)
+    assert {k: round(float(v), 6) for k, v in logs.items()} == {
+        "loss": round(float(total), 6), "nll": 1.5, "quant_loss": 3.0, "g_loss": -3.0, "d_weight": 0.25,
+        "disc_factor": 0.8}
+    assert all(not v.requires_grad for v in logs.values())
+
+
+def test_disc_start_gates_the_gan_terms():
+    loss = _loss(disc_start=10, disc_factor=1.0, codebook_weight=1.0)
+    assert loss.disc_factor(9) == 0.0 and loss.disc_factor(10) == 1.0 and loss.disc_factor(11) == 1.0
+    nll, q, g = torch.tensor(1.0), torch.tensor(2.0), torch.tensor(3.0)
+    assert float(loss.generator_loss(nll, q, g, 0.5, step=9)[0]) == pytest.approx(3.0)
+    assert float(loss.generator_loss(nll, q, g, 0.5, step=10)[0]) == pytest.approx(4.5)
+    assert float(loss.discriminator_loss(torch.zeros(2), torch.zeros(2), step=9)[0]) == 0.0
+    assert float(loss.discriminator_loss(torch.zeros(2), torch.zeros(2), step=10)[0]) == pytest.approx(1.0)
+
+
+def test_adaptive_weight_equals_the_original_autograd_formula():
+    """taming's calculate_adaptive_weight, computed the single-process way: autograd.grad of both
+    losses w.r.t. the decoder's last conv weight."""
+    torch.manual_seed(0)
+    decoder_tail = nn.Sequential(nn.GroupNorm(4, 8), nn.SiLU(), nn.Conv2d(8, 3, 3, padding=1))
+    last = decoder_tail[2].weight
+    disc = nn.Conv2d(3, 1, 4, stride=2)
+    h, x = torch.randn(2, 8, 8, 8), torch.rand(2, 3, 8, 8) * 2 - 1
+    xrec = decoder_tail(h)
+    nll = (x - xrec).abs().mean()
+    g_loss = -disc(xrec).mean()
+    nll_grad = torch.autograd.grad(nll, last, retain_graph=True)[0]
+    g_grad = torch.autograd.grad(g_loss, last, retain_graph=True)[0]
+    original = torch.clamp(torch.norm(nll_grad) / (torch.norm(g_grad) + 1e-4), 0.0, 1e4).detach() * 0.8
+    w = VQGANLoss.adaptive_weight(nll_grad, g_grad, 0.8)
+    assert not w.requires_grad and 0 < float(w) < 0.8 * 1e4
+    torch.testing.assert_close(w, original)
+    # no GAN gradient: sqrt(10) / 1e-4 is clamped to 1e4
+    assert float(VQGANLoss.adaptive_weight(torch.ones(10), torch.zeros(10), 0.5)) == pytest.approx(0.5e4)
+
+
+def test_reductions_are_fp32_under_bf16_autocast(lpips_loss):
+    torch.manual_seed(2)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        nll, logs = lpips_loss.reconstruction_loss(x, (x * 0.9).bfloat16())
+        g = lpips_loss.generator_adv_loss(torch.randn(4).bfloat16())
+        d, dlogs = lpips_loss.discriminator_loss(torch.randn(4).bfloat16(), torch.randn(4).bfloat16(), step=0)
+        total, glogs = lpips_loss.generator_loss(nll, torch.tensor(0.1).bfloat16(), g, torch.tensor(1.0), step=0)
+    for t in (nll, logs["lpips"], g, d, dlogs["logits_real"], total, glogs["quant_loss"]):
+        assert t.dtype == torch.float32
+    assert float(nll) == pytest.approx(float(lpips_loss.reconstruction_loss(x, (x * 0.9).bfloat16().float())[0]),
+                                       rel=0.05)
+
+
+def test_lpips_loads_the_backbone_from_a_local_torchvision_file(tmp_path):
+    fake = fake_vgg16_features()
+    path = tmp_path / VGG16_FILE
+    torch.save(fake, path)
+    model = build_lpips(VQLossConfig(lpips_vgg_path=str(path)))
+    torch.testing.assert_close(model.net.slice1[0].weight, fake["features.0.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(getattr(model.net.slice3, "14").bias, fake["features.14.bias"], rtol=0, atol=0)
+    torch.testing.assert_close(getattr(model.net.slice5, "28").weight, fake["features.28.weight"], rtol=0, atol=0)
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    # the linear layers are the package's bundled v0.1 weights (non-negative), not a random init
+    assert all(float(getattr(model, f"lin{i}").model[1].weight.min()) >= 0 for i in range(5))
+    assert set(lpips_keys()) <= set(model.state_dict())
+
+
+def test_lpips_finds_the_backbone_under_torch_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    expected = tmp_path / "hub" / "checkpoints" / VGG16_FILE
+    with pytest.raises(FileNotFoundError) as e:
+        build_lpips(VQLossConfig())
+    msg = str(e.value)
+    assert str(expected) in msg and "loss.lpips_vgg_path" in msg and "loss.lpips_backbone=random" in msg
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "elsewhere.pth")):
+        build_lpips(VQLossConfig(lpips_vgg_path=str(tmp_path / "elsewhere.pth")))
+
+
+def test_lpips_refuses_a_file_without_a_vgg16_backbone(tmp_path):
+    torch.save({"features.0.weight": torch.zeros(64, 3, 3, 3)}, tmp_path / "partial.pth")
+    with pytest.raises(ValueError, match=r"holds no VGG16 backbone: found 1 of its 26"):
+        build_lpips(VQLossConfig(lpips_vgg_path=str(tmp_path / "partial.pth")))

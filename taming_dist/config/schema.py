@@ -173,8 +173,9 @@ class VQLossConfig:
     disc_factor: float = 1.0
     disc_loss: str = "hinge"  # hinge | vanilla | non_saturating
     adaptive_weight: bool = True
-    # LPIPS backbone: a local VGG16 file (torchvision's vgg16-397923af.pth); "" looks in
-    # $TORCH_HOME/hub/checkpoints. `random` builds a random backbone (tests only).
+    # LPIPS backbone: a local VGG16 file (torchvision's vgg16-397923af.pth, an original taming VQGAN
+    # .ckpt or an imported loss.safetensors); "" looks in $TORCH_HOME/hub/checkpoints. `random`
+    # builds a random backbone (tests only).
     lpips_vgg_path: str = ""
     lpips_backbone: str = "pretrained"  # pretrained | random
     discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.distributed.util import REPO, run, test_env
+from tests.distributed.util import REPO, test_env
 
 TINY_VQ = ["vqgan.ddconfig.ch=32", "vqgan.ddconfig.ch_mult=[1,2]", "vqgan.ddconfig.resolution=16", "data.size=16",
            "vqgan.ddconfig.attn_resolutions=[8]", "loss.discriminator.n_layers=1"]

@@ -1,11 +1,13 @@
-"""Single-device model code: VQModel (the VQGAN tokenizer), Transformer (GPT over its codes).
+"""Single-device model code: VQModel (the VQGAN tokenizer), Transformer (GPT over its codes), and
+the inference helpers generate_image and get_condition (pipeline.py).
 
 Nothing here imports torch.distributed, deepspeed or the engines (tests/unit/test_layering.py).
 Exports resolve lazily so that importing one submodule does not build the others.
 """
 import importlib
 
-_EXPORTS = {"VQModel": "vqgan", "Transformer": "transformer", "GPT": "gpt", "NLayerDiscriminator": "discriminator"}
+_EXPORTS = {"VQModel": "vqgan", "Transformer": "transformer", "GPT": "gpt", "NLayerDiscriminator": "discriminator",
+            "generate_image": "pipeline", "get_condition": "pipeline"}
 
 
 def __getattr__(name):

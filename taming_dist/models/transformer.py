@@ -225,6 +225,13 @@ class Transformer(nn.Module):
                        top_k=top_k, top_p=top_p)
         return torch.cat([prefix, new], dim=1)  # (B, P + num_steps)
 
+    def transform(self, image: torch.Tensor, condition: Condition, strength: float = 0.8, **kwargs) -> torch.Tensor:
+        """Re-sample part of `image`'s tokens through this model's own first stage: see
+        `taming_dist.models.pipeline.transform` (seed, sampling options)."""
+        from taming_dist.models.pipeline import transform  # pipeline imports this module
+
+        return transform(self.first_stage_model, self, image, condition, strength, **kwargs)
+
     @classmethod
     def from_pretrained(cls, folder) -> "Transformer":
         """Load a model folder (config.json + model.safetensors from training, `export` or

@@ -66,7 +66,7 @@ def run(args) -> int:
 
 
 def _submitit(args) -> int:
-    from launch.submitit_launcher import submit
+    from taming_dist.launch.submitit_launcher import submit
 
     job = submit(args.config, args.overrides, folder=args.folder, master_addr=args.master_addr,
                  resume=args.resume, setup=args.setup or None, **_resource_kwargs(args))
@@ -77,8 +77,8 @@ def _submitit(args) -> int:
 
 
 def _sbatch(args) -> int:
-    from launch.sbatch import SlurmResources, log_path, render_script, submit_script, write_script
     from taming_dist.config import load_config
+    from taming_dist.launch.sbatch import SlurmResources, log_path, render_script, submit_script, write_script
 
     load_config(args.config, args.overrides)  # a typo in an override fails here, not in the queue
     res = SlurmResources(**_resource_kwargs(args))

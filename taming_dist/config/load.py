@@ -1,13 +1,15 @@
 """YAML -> typed dataclasses, with `base:` inheritance, named presets and `key=value` overrides.
 
-Unknown keys are errors that name the key, the file and the allowed keys (the original code's
-`**ignore_kwargs` silently swallowed typos).
+Unknown keys are errors that name the key, the file, the nearest allowed key and all allowed keys
+(the original code's `**ignore_kwargs` silently swallowed typos).
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
+from importlib import resources
 from pathlib import Path
 from typing import Any, Union
 
@@ -15,12 +17,19 @@ import yaml
 
 from .schema import RunConfig
 
-# Presets are the YAML files in the repository's configs/ folder.
-PRESET_DIR = Path(__file__).resolve().parents[2] / "configs"
+# Presets are the YAML files of the repository's configs/ folder. The package reaches them as its
+# data folder `presets/`: in a checkout a link to ../configs, in a wheel a copy the build makes
+# (pyproject.toml package-data), so an install outside the checkout has them and there is one source.
+PRESET_DIR = resources.files("taming_dist") / "presets"
 
 
 def preset_names() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    return sorted(p.name.removesuffix(".yaml") for p in PRESET_DIR.iterdir() if p.name.endswith(".yaml"))
+
+
+def _did_you_mean(name: str, choices, prefix: str = "") -> str:
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f" (did you mean `{prefix}{close[0]}`?)" if close else ""
 
 
 def _resolve_path(name_or_path: str, relative_to: Path | None = None) -> Path:
@@ -32,8 +41,10 @@ def _resolve_path(name_or_path: str, relative_to: Path | None = None) -> Path:
             raise FileNotFoundError(f"config file {p} does not exist")
         return p
     preset = PRESET_DIR / f"{name_or_path}.yaml"
-    if not preset.exists():
-        raise ValueError(f"{name_or_path!r} is neither a YAML file nor a preset; presets: {', '.join(preset_names())}")
+    if not preset.is_file():
+        names = preset_names()
+        raise ValueError(f"{name_or_path!r} is neither a YAML file nor a preset{_did_you_mean(name_or_path, names)}; "
+                         f"presets: {', '.join(names)}")
     return preset
 
 
@@ -108,14 +119,15 @@ def _coerce(tp: Any, value: Any, where: str, source: str) -> Any:
 
 
 def from_dict(cls: type, data: dict, source: str = "<dict>", prefix: str = ""):
-    """Build dataclass `cls` from `data`; unknown keys raise a ValueError naming key, file and allowed keys."""
+    """Build dataclass `cls` from `data`; an unknown key raises a ValueError naming the key, the file,
+    the nearest allowed key and all allowed keys."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in data if k not in names]
     if unknown:
-        raise ValueError(
-            f"{source}: unknown config key `{prefix}{unknown[0]}`; allowed keys of {cls.__name__}: {', '.join(names)}"
-        )
+        key = str(unknown[0])
+        raise ValueError(f"{source}: unknown config key `{prefix}{key}`{_did_you_mean(key, names, prefix)}; "
+                         f"allowed keys of {cls.__name__}: {', '.join(names)}")
     kwargs = {k: _coerce(hints[k], v, prefix + k, source) for k, v in data.items()}
     return cls(**kwargs)
 

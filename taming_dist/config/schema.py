@@ -50,7 +50,7 @@ class QuantizerConfig:
     n_embed: int = 1024
     embed_dim: int = 256
     beta: float = 0.25
-    legacy: bool = True  # original's beta placement (on the codebook term); see taming-compat.md
+    legacy: bool = True  # original's beta placement (on the codebook term); see docs/taming-compat.md
     ema_decay: float = 0.99
     ema_eps: float = 1e-5
     codebook_dim: int = 8  # l2 kind only: dimension of the lookup space

@@ -1,6 +1,6 @@
 """LPIPS (Zhang et al. 2018) from the `lpips` package, built with no network access.
 
-`lpips.LPIPS(net="vgg")` would download the VGG16 ImageNet backbone (shared/notes/platform-facts.md),
+`lpips.LPIPS(net="vgg")` would download the VGG16 ImageNet backbone (docs/platform-notes.md),
 so it is built with a random backbone and the package's bundled linear layers
 (lpips/weights/v0.1/vgg.pth), then the backbone is read from a local file. The module's keys
 (`scaling_layer.*`, `net.sliceK.N.*`, `lin0..lin4.model.1.weight`) are the original taming LPIPS

@@ -1,7 +1,7 @@
 """The convolutional Encoder/Decoder of taming-transformers (`taming/modules/diffusionmodules/model.py`).
 
 Module names and nesting follow the original exactly, so original checkpoints load key-for-key
-(see shared/spec/taming-compat.md). Differences that do not touch the numbers or the keys:
+(see docs/taming-compat.md). Differences that do not touch the numbers or the keys:
 no time-embedding plumbing (the VQGAN never used it), attention through
 `scaled_dot_product_attention`, and an optional activation-checkpointing switch.
 """

@@ -1,7 +1,7 @@
 """A real SLURM cluster on this machine, for the launcher tests: munged, slurmctld and one slurmd per
 simulated node, run as root on loopback from a private folder.
 
-Settings follow ../shared/notes/platform-facts.md ("Real SLURM on one machine"): Debian's Slurm 22.05,
+Settings follow docs/platform-notes.md ("SLURM on one machine"): Debian's Slurm 22.05,
 no accounting, no cgroups. Several slurmd daemons on one host simulate several nodes; their names
 (n1, n2) do not resolve, so multi-node jobs must be told MASTER_ADDR=127.0.0.1.
 """

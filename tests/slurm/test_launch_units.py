@@ -1,17 +1,19 @@
 """Fast tests of the launchers without SLURM: resources, the sbatch script (its text, and its control
 flow run by bash against stand-in srun/scontrol programs), the rank environment of a submitit task,
-signals held during start-up, and the requeue decision."""
+signals held during start-up, the requeue decision, and the files of the top-level launch/ folder."""
 import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from types import SimpleNamespace
 
 import pytest
 
-from launch.sbatch import SlurmResources, log_path, parse_extra_sbatch, render_script, write_script
-from launch.submitit_launcher import _HeldSignals, dist_environ, requeue_if_running
+from taming_dist.launch.sbatch import SlurmResources, log_path, parse_extra_sbatch, render_script, write_script
+from taming_dist.launch.submitit_launcher import _HeldSignals, dist_environ, requeue_if_running
+from tests.distributed.util import REPO
 
 
 def test_resources_defaults_and_errors():
@@ -174,7 +176,7 @@ def test_cli_writes_the_script(tmp_path, capsys):
 def test_cli_submitit_passes_every_option(monkeypatch, capsys):
     import argparse
 
-    import launch.submitit_launcher as submitit_launcher
+    import taming_dist.launch.submitit_launcher as submitit_launcher
     from taming_dist.commands import launch as launch_cmd
 
     calls = []
@@ -196,3 +198,50 @@ def test_cli_submitit_passes_every_option(monkeypatch, capsys):
         time_min=30, constraint="a100", extra_sbatch=["--exclusive"], job_name="taming-dist", signal_delay_s=120))]
     out = capsys.readouterr().out
     assert "submitted job 77" in out and "/l/77_0_log.out" in out and "/l/77_0_log.err" in out
+
+
+# The files of the top-level launch/ folder, which people copy and run.
+LAUNCH = REPO / "launch"
+EXAMPLE_SBATCH = dict(
+    config="vqgan-f16-1024", overrides=["out_dir=/checkpoint/me/runs", "name=vq-f16", "train.steps=200000",
+                                        "engine.kind=fsdp"],
+    res=SlurmResources(nodes=2, gpus_per_node=8, cpus_per_task=10, mem_gb=480, partition="gpu", time_min=1440,
+                       job_name="vq-f16"),
+    chdir="/home/me/taming", python="/home/me/taming/.venv/bin/python")
+
+
+def test_example_sbatch_script_is_what_the_generator_writes():
+    assert (LAUNCH / "train.sbatch").read_text() == render_script(**EXAMPLE_SBATCH), (
+        "launch/train.sbatch is out of date: write render_script(**EXAMPLE_SBATCH) to it again")
+    assert os.access(LAUNCH / "train.sbatch", os.X_OK) and os.access(LAUNCH / "submit.sh", os.X_OK)
+
+
+def test_example_hostfile_and_deepspeed_env_parse_like_the_deepspeed_launcher():
+    from deepspeed.launcher.runner import _parse_hostfile
+
+    assert _parse_hostfile((LAUNCH / "hostfile").read_text().splitlines()) == {"gpu-node-01": 8, "gpu-node-02": 8}
+    # The runner does `key, val = line.split("=", maxsplit=1)` on every line: no comments, no blanks.
+    for line in (LAUNCH / ".deepspeed_env").read_text().splitlines(keepends=True):
+        key, _ = line.split("=", maxsplit=1)
+        assert re.fullmatch(r"[A-Z_][A-Z0-9_]*", key), line
+
+
+def test_submit_script_writes_and_submits(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f'#!/bin/bash\necho "$@" > {tmp_path}/sbatch.calls\necho "123;cluster"\n')
+    (bin_dir / "sbatch").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": sys.executable, "NODES": "2",
+           "GPUS_PER_NODE": "0", "PARTITION": "debug", "JOB_NAME": "vq"}
+    p = subprocess.run(["bash", str(LAUNCH / "submit.sh"), "vqgan-tiny", "train.steps=3", "--account", "proj"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "submitted job 123" in p.stdout and f"log: {tmp_path}/slurm_logs/vq-123.out" in p.stdout
+    (script,) = (tmp_path / "slurm_logs").glob("vq-*.sbatch")
+    assert (tmp_path / "sbatch.calls").read_text().split() == ["--parsable", str(script.relative_to(tmp_path))]
+    text = script.read_text()
+    for want in ["--nodes=2", "--partition=debug", "--account=proj", "--job-name=vq", f"--chdir={tmp_path}"]:
+        assert f"#SBATCH {want}" in text, want
+    assert "train vqgan-tiny \\\n    train.steps=3" in text and f"PYTHON={sys.executable}" in text
+    p = subprocess.run(["bash", str(LAUNCH / "submit.sh")], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert p.returncode != 0 and "usage: launch/submit.sh CONFIG" in p.stderr

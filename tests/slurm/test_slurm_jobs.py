@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.submitit_launcher import submit
+from taming_dist.launch.submitit_launcher import submit
 from tests.distributed.util import REPO
 
 pytestmark = pytest.mark.slow

@@ -1,7 +1,11 @@
+from pathlib import Path
+
 import pytest
 
 from taming_dist.config import RunConfig, VQModelConfig, dump_config, from_dict, load_config, preset_names
 from taming_dist.config.load import apply_overrides
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_presets_all_load():
@@ -35,6 +39,36 @@ def test_unknown_key_names_key_file_and_allowed(tmp_path):
 def test_unknown_override_key_is_an_error():
     with pytest.raises(ValueError, match="train.stepz"):
         load_config("vqgan-tiny", ["train.stepz=3"])
+
+
+def test_mistyped_key_suggests_the_nearest_in_yaml(tmp_path):
+    p = tmp_path / "typo.yaml"
+    p.write_text("base: vqgan-tiny\ntrain:\n  stpes: 3\n")
+    with pytest.raises(ValueError) as e:
+        load_config(str(p))
+    assert "unknown config key `train.stpes` (did you mean `train.steps`?)" in str(e.value)
+    assert "typo.yaml" in str(e.value)
+
+
+def test_mistyped_key_suggests_the_nearest_in_overrides():
+    with pytest.raises(ValueError, match=r"`train.stpes` \(did you mean `train.steps`\?\)"):
+        load_config("vqgan-tiny", ["train.stpes=3"])
+    with pytest.raises(ValueError, match=r"`trian` \(did you mean `train`\?\)"):
+        load_config("vqgan-tiny", ["trian.steps=3"])
+    with pytest.raises(ValueError) as e:  # nothing close: no guess, the allowed keys only
+        load_config("vqgan-tiny", ["engine.xyzzy=1"])
+    assert "did you mean" not in str(e.value) and "allowed keys of EngineConfig" in str(e.value)
+    with pytest.raises(ValueError, match=r"neither a YAML file nor a preset \(did you mean `vqgan-tiny`\?\)"):
+        load_config("vqgan-tiyn")
+
+
+def test_presets_are_the_configs_folder_read_as_package_data():
+    from taming_dist.config.load import PRESET_DIR
+
+    configs = sorted(p.stem for p in (REPO / "configs").glob("*.yaml"))
+    assert preset_names() == configs
+    # one source: the package's presets/ is configs/ itself (a link), not a copy that could drift
+    assert Path(PRESET_DIR).resolve() == (REPO / "configs").resolve()
 
 
 def test_type_errors_are_clear():

@@ -1,5 +1,5 @@
-"""Key-for-key layout against the original checkpoints (shared/spec/layouts/): weight compatibility
-is a hard requirement, so every key and shape of VQModel and the PatchGAN must match."""
+"""Key-for-key layout against the original checkpoints (tests/data/layouts/, see docs/taming-compat.md):
+weight compatibility is a hard requirement, so every key and shape of VQModel and the PatchGAN must match."""
 import re
 from pathlib import Path
 
@@ -10,7 +10,7 @@ from taming_dist.config import load_config
 from taming_dist.models.discriminator import NLayerDiscriminator
 from taming_dist.models.vqgan import VQModel
 
-# Copies of shared/spec/layouts/ kept in the repo so the test runs wherever the repo is cloned.
+# The reference layouts, derived from the original module code (docs/taming-compat.md).
 LAYOUTS = Path(__file__).resolve().parents[1] / "data" / "layouts"
 MODEL_PREFIXES = ("encoder.", "decoder.", "quant_conv.", "quantize.", "post_quant_conv.")
 DISC_PREFIX = "loss.discriminator."

@@ -1,8 +1,10 @@
 """Training checkpoint (any engine, any world size) -> one consolidated state dict per unit.
 
-Runs on a CPU machine with no process group: torch engines' DCP folders are read with
-`dcp_to_torch_save`; DeepSpeed folders with DeepSpeed's own `get_fp32_state_dict_from_zero_checkpoint`
-(fp32 master weights). EMA weights are reassembled from the per-rank files where ZeRO-3 split them.
+Runs on a CPU machine with no process group. Torch engines' DCP state is read tensor by tensor:
+only the model (and EMA) entries are allocated and loaded, never the optimizer state (about twice
+the model for Adam). DeepSpeed's model comes from its own fp32 consolidation
+(`get_fp32_state_dict_from_zero_checkpoint`); its EMA from the DCP state, where ZeRO-3 keeps one
+partition per rank (reassembled by the engine's `unflatten_zero3`).
 """
 from __future__ import annotations
 
@@ -11,73 +13,103 @@ from pathlib import Path
 
 import torch
 
-
-def read_meta(ckpt: Path) -> dict:
-    meta_file = Path(ckpt) / "meta.pt"
-    if not meta_file.exists():
-        raise FileNotFoundError(f"{ckpt} is not a taming_dist checkpoint folder (no meta.pt); "
-                                "pass a folder such as runs/NAME/checkpoints/step_000500")
-    return torch.load(meta_file, weights_only=True)
+from taming_dist.checkpoint.manager import read_manifest
+from taming_dist.engines.deepspeed import ema_rank_key, unflatten_zero3
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder, a run's `checkpoints/` folder or a run folder -> the checkpoint folder."""
     p = Path(path)
-    if (p / "meta.pt").exists():
+    if (p / "manifest.json").exists() or (p / "meta.pt").exists():
         return p
     for cand in (p / "checkpoints" / "latest", p / "latest"):
         if cand.exists():
             return cand.parent / cand.read_text().strip()
-    return p
+    if not p.exists():
+        raise FileNotFoundError(f"{p} does not exist")
+    raise FileNotFoundError(f"{p} is not a taming_dist checkpoint folder (no manifest.json); pass a folder such "
+                            "as runs/NAME/checkpoints/step_000500, a checkpoints/ folder or a run folder")
 
 
-def _dcp_units(ckpt: Path) -> dict:
+def read_dcp_tensors(folder: Path, prefixes: list[str]) -> dict[str, torch.Tensor]:
+    """The tensors of a DCP save whose flattened key starts with one of `prefixes`, loaded in this
+    process alone; nothing else of the checkpoint is read into memory."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(str(folder))
+    meta = reader.read_metadata().state_dict_metadata
+    state = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items()
+             if isinstance(m, TensorStorageMetadata) and k.startswith(tuple(prefixes))}
+    if state:
+        dcp.load(state, storage_reader=reader, no_dist=True)
+    return state
+
+
+def _strip(state: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _consolidate_v2(ckpt: Path, manifest: dict, ema: bool) -> dict[str, dict]:
+    result: dict[str, dict] = {}
+    for name in manifest["units"]:
+        if manifest["engine"] == "deepspeed":
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            sd = dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt / "deepspeed"), tag=name))
+            if ema and manifest.get("zero_stage") == 3:
+                keys = [f"{name}.{ema_rank_key(r)}." for r in range(manifest["world_size"])]
+                parts = read_dcp_tensors(ckpt / "state", keys)
+                per_rank = [_strip(parts, k) for k in keys]
+                sd.update({k: unflatten_zero3([p[k] for p in per_rank], sd[k].shape) for k in per_rank[0]})
+            elif ema:
+                sd.update(_strip(read_dcp_tensors(ckpt / "state", [f"{name}.ema."]), f"{name}.ema."))
+        else:
+            prefixes = [f"{name}.model."] + ([f"{name}.ema."] if ema else [])
+            state = read_dcp_tensors(ckpt / "state", prefixes)
+            sd = _strip(state, f"{name}.model.")
+            sd.update(_strip(state, f"{name}.ema."))
+        result[name] = sd
+    return result
+
+
+def _consolidate_v1(ckpt: Path, ema: bool) -> dict[str, dict]:
+    """Format version 1 (meta.pt, `dcp/` or DeepSpeed tags, ema_rank*.pt): weights stay readable."""
+    meta = torch.load(ckpt / "meta.pt", weights_only=True)
+    result: dict[str, dict] = {}
+    if meta["engine"] == "deepspeed":
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        for name in meta["schedulers"]:
+            sd = dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=name))
+            files = sorted((ckpt / name).glob("ema_rank*.pt"))
+            if ema and files:
+                parts = [torch.load(f, weights_only=True) for f in files]
+                for k in parts[0]:
+                    sd[k] = unflatten_zero3([p[k] for p in parts], sd[k].shape)
+            result[name] = sd
+        return result
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "full.pt"
-        dcp_to_torch_save(ckpt / "dcp", out)
-        return torch.load(out, weights_only=True)
-
-
-def _deepspeed_ema(folder: Path, shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
-    files = sorted(folder.glob("ema_rank*.pt"))
-    if not files:
-        return {}
-    parts = [torch.load(f, weights_only=True) for f in files]
-    ema = {}
-    for name, first in parts[0].items():
-        shape = shapes[name]
-        numel = torch.Size(shape).numel()
-        if first.numel() == numel:
-            ema[name] = first.view(shape)
-        else:  # ZeRO-3: each rank holds a flat, padded partition
-            ema[name] = torch.cat([p[name].flatten() for p in parts])[:numel].view(shape)
-    return ema
+        dcp_to_torch_save(ckpt / "dcp", Path(tmp) / "full.pt")
+        state = torch.load(Path(tmp) / "full.pt", weights_only=True)
+    for name in meta["schedulers"]:
+        sd = dict(state[name]["model"])
+        if ema and state[name].get("ema"):
+            sd.update(state[name]["ema"])
+        result[name] = sd
+    return result
 
 
 def consolidate(path: str | Path, *, ema: bool = False, dtype: torch.dtype | None = None) -> dict[str, dict]:
     """{unit name: full state dict} for a checkpoint; with `ema`, EMA weights replace the
     parameters they track (when the run kept an EMA)."""
     ckpt = resolve_checkpoint(path)
-    meta = read_meta(ckpt)
-    units = list(meta["schedulers"])
-    result: dict[str, dict] = {}
-    if meta["engine"] == "deepspeed":
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        for name in units:
-            sd = dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=name))
-            if ema:
-                sd.update(_deepspeed_ema(ckpt / name, {k: v.shape for k, v in sd.items()}))
-            result[name] = sd
+    if (ckpt / "manifest.json").exists():
+        result = _consolidate_v2(ckpt, read_manifest(ckpt), ema)
     else:
-        state = _dcp_units(ckpt)
-        for name in units:
-            sd = dict(state[name]["model"])
-            if ema and state[name].get("ema"):
-                sd.update(state[name]["ema"])
-            result[name] = sd
+        result = _consolidate_v1(ckpt, ema)
     if dtype is not None:
         result = {u: {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
                   for u, sd in result.items()}

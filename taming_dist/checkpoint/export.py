@@ -27,8 +27,8 @@ def _run_config(ckpt: Path) -> RunConfig:
 def export_run(src: str | Path, out: str | Path, *, ema: bool = True, dtype: torch.dtype | None = None,
                fmt: str = "taming_dist") -> list[Path]:
     """Export the latest (or the given) checkpoint of a run. Returns the folders written."""
-    from taming_dist.checkpoint.pretrained import save_model_folder
-    from taming_dist.tasks.init import read_weights
+    from taming_dist.weights.folder import save_model_folder
+    from taming_dist.weights.folder import read_weights
 
     ckpt = resolve_checkpoint(src)
     cfg = _run_config(ckpt)

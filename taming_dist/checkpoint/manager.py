@@ -1,15 +1,21 @@
-"""Atomic training checkpoints: a folder of stateful parts, a `latest` pointer, keep-last-k.
+"""Atomic training checkpoints: one DCP save of Stateful parts, a manifest, a `latest` pointer.
 
-Layout of one checkpoint (`checkpoints/step_000500/`):
-  <engine files>     DCP folder `dcp/` (torch engines) or one DeepSpeed tag per unit
-  meta.pt            step, world size, engine, LR schedulers, grad scalers, counters (rank 0)
-  rank_00000.pt ...  per rank: RNG states (torch, cuda, numpy, python) and the data position
+Layout of one checkpoint (`checkpoints/step_000500/`), format version 2:
+  state/          one torch.distributed.checkpoint save of {unit name: UnitState, "run": RunState}:
+                  each unit's model, optimizer, LR schedule, loss scaler and EMA (torchtitan's
+                  pattern), and the run's step, counters and each rank's RNG and data position
+  deepspeed/      DeepSpeed only: its native model + optimizer files, one tag per unit (the
+                  DCP state then holds the rest of each unit)
+  manifest.json   format version, step, engine, ZeRO stage, world size, units; written last
 It is written as `step_000500.tmp/` and renamed when every rank has finished; `latest` (a text
 file naming the folder) is replaced last, so a crash or kill -9 at any point leaves the previous
-checkpoint as `latest`.
+checkpoint as `latest`. Whether a checkpoint can be resumed here is the engine's call
+(`Engine.check_resumable`).
 """
 from __future__ import annotations
 
+import io
+import json
 import os
 import random
 import shutil
@@ -19,6 +25,9 @@ import numpy as np
 import torch
 
 from taming_dist.engines.base import Engine, Unit
+
+FORMAT = "taming_dist-checkpoint"
+VERSION = 2
 
 
 def rng_state() -> dict:
@@ -42,6 +51,52 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def _to_bytes(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _from_bytes(blob: bytes):
+    return torch.load(io.BytesIO(blob), weights_only=True)
+
+
+def rank_key(rank: int) -> str:
+    return f"rank{rank:05d}"
+
+
+class UnitState:
+    """Stateful (torch.distributed.checkpoint.stateful) view of one unit: the engine decides what
+    it holds (DTensor shards, full tensors, ZeRO-3 EMA partitions)."""
+
+    def __init__(self, engine: Engine, unit: Unit):
+        self.engine, self.unit = engine, unit
+
+    def state_dict(self) -> dict:
+        return self.engine.unit_state_dict(self.unit)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.engine.load_unit_state_dict(self.unit, state)
+
+
+class RunState:
+    """Stateful run state: step and counters (the same on every rank) and this rank's RNG and data
+    position under a key of its own, so DCP keeps every rank's copy. Loaded at another world size,
+    it reads rank 0's data position and leaves the RNG as it is (the streams cannot map 1:1)."""
+
+    def __init__(self, rank: int, read_rank: int | None = None):
+        self.rank, self.read_rank = rank, rank if read_rank is None else read_rank
+        self.step, self.counters, self.rank_state = 0, b"", b""
+        self.extra: dict = {}
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "counters": self.counters, rank_key(self.read_rank): self.rank_state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.counters = state["step"], state["counters"]
+        self.rank_state = state[rank_key(self.read_rank)]
+
+
 def _write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
@@ -49,6 +104,26 @@ def _write_text_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def read_manifest(path: Path) -> dict:
+    """The manifest of a checkpoint folder; a clear error for folders of the older format."""
+    path = Path(path)
+    manifest = path / "manifest.json"
+    if not manifest.exists():
+        if (path / "meta.pt").exists():
+            raise ValueError(
+                f"{path} is a taming_dist checkpoint of format version 1 (meta.pt + rank_*.pt files), written "
+                f"before checkpoint format version {VERSION}; it cannot be resumed by this version. Its weights "
+                f"are still readable: `taming-dist convert {path} OUT.safetensors`, then start a run from them "
+                "with `init_from=OUT.safetensors`"
+            )
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no manifest.json)")
+    meta = json.loads(manifest.read_text())
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise ValueError(f"{manifest}: format {meta.get('format')!r} version {meta.get('version')!r}; this "
+                         f"version of taming_dist reads {FORMAT!r} version {VERSION}")
+    return meta
 
 
 class CheckpointManager:
@@ -62,11 +137,15 @@ class CheckpointManager:
         if not pointer.exists():
             return None
         path = self.folder / pointer.read_text().strip()
-        if not (path / "meta.pt").exists():
-            raise ValueError(f"{pointer} names {path}, which is not a complete checkpoint (no meta.pt)")
+        if not (path / "manifest.json").exists() and not (path / "meta.pt").exists():
+            raise ValueError(f"{pointer} names {path}, which is not a complete checkpoint (no manifest.json)")
         return path
 
-    def save(self, step: int, units: dict[str, Unit], meta: dict, rank_state: dict) -> Path:
+    def save(self, step: int, units: dict[str, Unit], counters: dict, rank_state: dict) -> Path:
+        """`counters`: small values shared by all ranks (e.g. skipped steps); `rank_state`: this
+        rank's own (e.g. its data position); RNG states are added here."""
+        import torch.distributed.checkpoint as dcp
+
         eng = self.engine
         final = self.folder / f"step_{step:06d}"
         tmp = self.folder / f"step_{step:06d}.tmp"
@@ -76,18 +155,18 @@ class CheckpointManager:
                 shutil.rmtree(tmp)
             tmp.mkdir()
         eng.barrier()
-        eng.save(str(tmp), units)
-        torch.save({"rng": rng_state(), **rank_state}, tmp / f"rank_{eng.env.rank:05d}.pt")
+        eng.save_native(str(tmp), units)
+        run = RunState(eng.env.rank)
+        run.step, run.counters = step, _to_bytes(counters)
+        run.rank_state = _to_bytes({"rng": rng_state(), **rank_state})
+        state = {name: UnitState(eng, u) for name, u in units.items()}
+        state["run"] = run
+        dcp.save(state, checkpoint_id=str(tmp / "state"))
         if eng.is_main:
-            meta = {
-                **meta,
-                "step": step,
-                "world_size": eng.world_size,
-                "engine": eng.kind,
-                "schedulers": {n: u.scheduler.state_dict() for n, u in units.items()},
-                "scalers": {n: u.scaler.state_dict() for n, u in units.items() if u.scaler is not None},
-            }
-            torch.save(meta, tmp / "meta.pt")
+            manifest = {"format": FORMAT, "version": VERSION, "step": step, "engine": eng.kind,
+                        "zero_stage": getattr(eng.cfg, "zero_stage", None) if eng.kind == "deepspeed" else None,
+                        "world_size": eng.world_size, "units": list(units)}
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
         eng.barrier()
         if eng.is_main:
             if final.exists():
@@ -103,36 +182,26 @@ class CheckpointManager:
         for old in done[: max(0, len(done) - self.keep_last)]:
             shutil.rmtree(old, ignore_errors=True)
 
-    def load(self, path: Path, units: dict[str, Unit]) -> tuple[dict, dict]:
-        """Restore units and RNG; returns (meta, this rank's extra state)."""
+    def load(self, path: Path, units: dict[str, Unit]) -> tuple[int, dict, dict]:
+        """Restore units, and RNG when the world size is unchanged; returns (step, counters, this
+        rank's extra state)."""
+        import torch.distributed.checkpoint as dcp
+
         path = Path(path)
-        meta = torch.load(path / "meta.pt", weights_only=True)
+        manifest = read_manifest(path)
         eng = self.engine
-        if meta["engine"] == "deepspeed" or eng.kind == "deepspeed":
-            if meta["engine"] != eng.kind:
-                raise ValueError(
-                    f"{path} was written by engine {meta['engine']!r} but this run uses {eng.kind!r}; convert it "
-                    "with `taming-dist convert` and start from it with `init_from:` instead of resuming"
-                )
-            if meta["world_size"] != eng.world_size:
-                raise ValueError(
-                    f"{path} is a DeepSpeed checkpoint from {meta['world_size']} ranks and this run has "
-                    f"{eng.world_size}; DeepSpeed cannot reshard its own format. Convert it first: `python -m "
-                    f"deepspeed.checkpoint.ds_to_universal --input_folder {path}/<unit> --output_folder "
-                    f"{path}/<unit>_universal --inject_missing_state`, or resume on {meta['world_size']} ranks"
-                )
-        eng.load(str(path), units)
-        for n, u in units.items():
-            u.scheduler.load_state_dict(meta["schedulers"][n])
-            if u.scaler is not None and n in meta.get("scalers", {}):
-                u.scaler.load_state_dict(meta["scalers"][n])
-        rank_file = path / f"rank_{eng.env.rank:05d}.pt"
-        if meta["world_size"] != eng.world_size:
-            # Another world size: weights and optimizer were resharded by DCP; RNG streams cannot
-            # map one-to-one. The data stream continues at rank 0's epoch and batch count (the
-            # stream layout changed, so these are not exactly the samples the old ranks would see).
-            first = torch.load(path / "rank_00000.pt", weights_only=True)
-            return meta, {"data": first["data"]} if "data" in first else {}
-        extra = torch.load(rank_file, weights_only=True)
-        set_rng_state(extra.pop("rng"))
-        return meta, extra
+        eng.check_resumable(manifest, str(path))
+        if sorted(manifest["units"]) != sorted(units):
+            raise ValueError(f"{path} holds units {manifest['units']} but this run has {list(units)}: "
+                             "it is a checkpoint of the other stage")
+        same_world = manifest["world_size"] == eng.world_size
+        eng.load_native(str(path), units)
+        run = RunState(eng.env.rank, read_rank=eng.env.rank if same_world else 0)
+        state = {name: UnitState(eng, u) for name, u in units.items()}
+        state["run"] = run
+        dcp.load(state, checkpoint_id=str(path / "state"))
+        extra = _from_bytes(run.rank_state)
+        rng = extra.pop("rng")
+        if same_world:
+            set_rng_state(rng)
+        return run.step, _from_bytes(run.counters), extra

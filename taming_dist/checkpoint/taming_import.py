@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import yaml
 
-from taming_dist.checkpoint.safe_load import safe_load
+from taming_dist.weights.safe_load import safe_load
 from taming_dist.config import (
     ConditionConfig,
     DiscriminatorConfig,
@@ -309,7 +309,7 @@ def save_import(result: ImportResult, out) -> Path:
     """A model folder (config.json + model.safetensors), with the kept loss weights in
     `loss.safetensors` inside it (read by `init_from`) and the original loss settings in
     config.json's `loss_config`."""
-    from taming_dist.checkpoint.pretrained import save_model_folder
+    from taming_dist.weights.folder import save_model_folder
 
     meta = {"imported_from": "taming-transformers", "import_report": result.report}
     if result.loss_cfg is not None:

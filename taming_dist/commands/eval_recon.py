@@ -59,7 +59,7 @@ def run(args) -> int:
     from taming_dist.eval.recon import all_reduce_sum, evaluate_reconstruction
     from taming_dist.logging import print0, set_rank
     from taming_dist.models.vqgan import VQModel
-    from taming_dist.tasks.init import resolve_model_folder
+    from taming_dist.weights.folder import resolve_model_folder
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")

@@ -18,7 +18,7 @@ def run(args) -> int:
     from taming_dist.config import DataConfig
     from taming_dist.data.codes import extract_codes
     from taming_dist.engines import env_from_environ, init_distributed
-    from taming_dist.tasks.init import resolve_model_folder
+    from taming_dist.weights.folder import resolve_model_folder
 
     env = env_from_environ()
     device = init_distributed(env)

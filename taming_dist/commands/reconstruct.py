@@ -16,7 +16,7 @@ def run(args) -> int:
 
     from taming_dist.checkpoint.pretrained import build_model_from_folder
     from taming_dist.data.images import save_grid
-    from taming_dist.tasks.init import resolve_model_folder
+    from taming_dist.weights.folder import resolve_model_folder
 
     model = build_model_from_folder(resolve_model_folder(args.model)).eval()
     size = model.config.ddconfig.resolution

@@ -92,7 +92,7 @@ def _at_scale(args, folder) -> int:
 
 
 def run(args) -> int:
-    from taming_dist.tasks.init import resolve_model_folder
+    from taming_dist.weights.folder import resolve_model_folder
 
     folder = resolve_model_folder(args.model)
     if args.num_samples is not None:

@@ -227,6 +227,7 @@ class EngineConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16
     activation_checkpointing: bool = False
     compile: bool = False
+    compile_backend: str = "inductor"  # torch.compile backend; aot_eager compiles the graphs without codegen
     channels_last: bool = False
 
     def validate(self) -> None:
@@ -243,6 +244,7 @@ class OptimConfig:
     lr: float = 4.5e-6
     scale_lr: bool = False  # multiply lr by global batch size (the original's convention)
     betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
+    eps: float = 1e-8  # Adam's epsilon
     weight_decay: float = 0.0
     warmup_steps: int = 0
     schedule: str = "constant"  # constant | cosine
@@ -312,6 +314,15 @@ class RunConfig:
                 f"quantizer.dead_code_threshold > 0 with kind=vq rewrites codebook parameters in forward, which "
                 f"engine.kind={self.engine.kind} would undo (sharded copies, fp32 master weights); use "
                 "quantizer.kind=ema (codebook in buffers) or engine.kind=ddp"
+            )
+        if self.stage == "vqgan" and self.loss.discriminator.norm == "actnorm" and self.engine.kind in ("fsdp", "deepspeed"):
+            # ActNorm's data-dependent init copies batch statistics into its parameters inside forward;
+            # FSDP2 writes them into a transient unsharded copy and DeepSpeed's fp32 master weights
+            # overwrite them at the first step, so the init would be silently lost.
+            raise ValueError(
+                f"loss.discriminator.norm=actnorm initialises parameters inside forward, which "
+                f"engine.kind={self.engine.kind} would lose (sharded parameters, fp32 master weights); use "
+                "loss.discriminator.norm=batch or none, or engine.kind=ddp"
             )
         t = self.train
         if t.global_batch_size % t.micro_batch_size:

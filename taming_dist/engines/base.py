@@ -7,6 +7,7 @@ code touches wrapper internals (DDP.module, DTensor shards, DeepSpeed's ZeRO par
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -30,6 +31,9 @@ class Unit:
     scaler: Any = None
     ema: dict[str, torch.Tensor] = field(default_factory=dict)  # local shards of EMA weights
     ema_decay: float = 0.0
+    grad_clip: float = 0.0  # global-norm clipping, fixed at setup (0 = off)
+    micro_steps: int = 1  # micro-batches in the current optimizer step (set by Engine.accumulate)
+    last_micro_step: bool = True
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -56,13 +60,18 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
 
 def build_optimizer(module: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
     # A plain torch AdamW: DeepSpeed accepts it, and no fused op has to be JIT-compiled on CPU.
-    return torch.optim.AdamW(param_groups(module, cfg.weight_decay), lr=lr, betas=tuple(cfg.betas))
+    return torch.optim.AdamW(param_groups(module, cfg.weight_decay), lr=lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
 
 class Engine:
     """Base class; subclasses implement `_wrap`, checkpointing and the gradient-norm details."""
 
     kind = "base"
+    # engine.channels_last converts the conv weights too where the engine keeps parameters as the
+    # module's own tensors. FSDP2 refuses non-contiguous parameters and ZeRO re-views them into flat
+    # buffers; there only the activations are channels_last (the task converts the input, and a
+    # convolution with a channels_last input computes and returns channels_last).
+    channels_last_weights = True
 
     def __init__(self, cfg: EngineConfig, env: DistEnv, device: torch.device):
         self.cfg = cfg
@@ -134,18 +143,22 @@ class Engine:
         optim: OptimConfig,
         lr: float,
         lr_lambda: Callable[[int], float],
-        blocks: list[nn.Module] = (),
         micro_batch_size: int = 1,
         grad_accum: int = 1,
         ema_decay: float = 0.0,
     ) -> Unit:
+        """Wrap `module` as an optimized unit. Its repeated blocks (for activation checkpointing,
+        per-block compile and per-block sharding) are the ones the model declares in
+        `parallel_blocks()`; clipping at `optim.grad_clip` is fixed here for every later step."""
         module.to(self.device)
+        blocks = list(module.parallel_blocks()) if hasattr(module, "parallel_blocks") else []
         if self.cfg.activation_checkpointing and hasattr(module, "grad_checkpointing"):
             module.grad_checkpointing = True
-        if self.cfg.channels_last:
+        if self.cfg.channels_last and self.channels_last_weights:
             module.to(memory_format=torch.channels_last)
-        unit = self._wrap(module, name=name, optim=optim, lr=lr, lr_lambda=lr_lambda, blocks=list(blocks),
+        unit = self._wrap(module, name=name, optim=optim, lr=lr, lr_lambda=lr_lambda, blocks=blocks,
                           micro_batch_size=micro_batch_size, grad_accum=grad_accum)
+        unit.grad_clip = optim.grad_clip
         unit.ema_decay = ema_decay
         if ema_decay > 0:
             unit.ema = {n: t.detach().clone().float() for n, t in self.local_params(unit)}
@@ -179,9 +192,26 @@ class Engine:
                 p.requires_grad_(True)
 
     def no_sync(self, unit: Unit):
+        """A context in which backward accumulates gradients locally, without the cross-rank sync."""
         return contextlib.nullcontext()
 
-    def backward(self, unit: Unit, loss: torch.Tensor, *, last_micro_step: bool = True) -> None:
+    def accumulate(self, unit: Unit, micro_batches: list) -> Iterator:
+        """Yield the micro-batches of one optimizer step. The body of the caller's loop runs with
+        gradient sync off for all but the last one (DDP's no_sync, FSDP2's
+        set_requires_gradient_sync, DeepSpeed's accumulation boundary), and `backward` divides
+        each loss by the number of micro-batches. The one accumulation construct of every engine."""
+        n = len(micro_batches)
+        unit.micro_steps = n
+        try:
+            for i, mb in enumerate(micro_batches):
+                unit.last_micro_step = i == n - 1
+                with contextlib.nullcontext() if unit.last_micro_step else self.no_sync(unit):
+                    yield mb
+        finally:  # also when the caller leaves early (a non-finite loss)
+            unit.micro_steps, unit.last_micro_step = 1, True
+
+    def backward(self, unit: Unit, loss: torch.Tensor) -> None:
+        loss = loss / unit.micro_steps
         if unit.scaler is not None:
             unit.scaler.scale(loss).backward()
         else:
@@ -199,14 +229,15 @@ class Engine:
                 sq += local_tensor(p.grad).detach().float().pow(2).sum()
         return sq.sqrt()
 
-    def step(self, unit: Unit, grad_clip: float = 0.0) -> dict:
-        """Clip, skip on non-finite gradients, optimizer step, LR schedule, zero grads."""
+    def step(self, unit: Unit) -> dict:
+        """Clip (at the unit's grad_clip), skip on non-finite gradients, optimizer step, LR
+        schedule, zero grads. The reported grad_norm is the norm before clipping."""
         if unit.scaler is not None:
             unit.scaler.unscale_(unit.optimizer)
         norm = self.grad_norm(unit)
         finite = bool(torch.isfinite(norm))
-        if finite and grad_clip > 0:
-            coef = torch.clamp(grad_clip / (norm + 1e-6), max=1.0)
+        if finite and unit.grad_clip > 0:
+            coef = torch.clamp(unit.grad_clip / (norm + 1e-6), max=1.0)
             for _, p in self.local_params(unit):
                 if p.grad is not None:
                     local_tensor(p.grad).detach().mul_(coef.to(p.grad.dtype))
@@ -240,15 +271,46 @@ class Engine:
         return unit.optimizer.param_groups[0]["lr"]
 
     # -- checkpoints --------------------------------------------------------------------------
-    def save(self, path: str, units: dict[str, Unit]) -> None:
+    # A checkpoint is one DCP save of Stateful parts (checkpoint/manager.py): one UnitState per
+    # unit, whose content each engine defines here, and the run's state. DeepSpeed keeps its model
+    # and optimizer in its own format beside it (save_native / load_native).
+    def unit_state_dict(self, unit: Unit) -> dict:
+        """What a checkpoint holds of a unit; DCP fills this same structure in place on load."""
         raise NotImplementedError
 
-    def load(self, path: str, units: dict[str, Unit]) -> None:
+    def load_unit_state_dict(self, unit: Unit, state: dict) -> None:
+        raise NotImplementedError
+
+    def save_native(self, path: str, units: dict[str, Unit]) -> None:
+        """Engine-owned files beside the DCP state (nothing for the torch engines)."""
+
+    def load_native(self, path: str, units: dict[str, Unit]) -> None:
+        """Read what save_native wrote, before the DCP state is loaded."""
+
+    def check_resumable(self, manifest: dict, path: str) -> None:
+        """Raise a ValueError saying what to do when a checkpoint (its manifest) cannot be resumed
+        by this engine at this world size."""
         raise NotImplementedError
 
     def full_state_dict(self, unit: Unit, ema: bool = False) -> dict[str, torch.Tensor]:
         """The unit's full (unsharded) fp32 weights on every rank: for export and images."""
         raise NotImplementedError
+
+
+def scheduler_and_scaler_state(unit: Unit) -> bytes:
+    """The unit's LR schedule and loss-scaler state (small Python values) as one bytes object, so
+    DCP stores it as one opaque item; read back with `load_scheduler_and_scaler`."""
+    buf = io.BytesIO()
+    torch.save({"scheduler": unit.scheduler.state_dict(),
+                "scaler": unit.scaler.state_dict() if unit.scaler is not None else None}, buf)
+    return buf.getvalue()
+
+
+def load_scheduler_and_scaler(unit: Unit, blob: bytes) -> None:
+    state = torch.load(io.BytesIO(blob), weights_only=True)
+    unit.scheduler.load_state_dict(state["scheduler"])
+    if unit.scaler is not None and state["scaler"] is not None:
+        unit.scaler.load_state_dict(state["scaler"])
 
 
 def lr_lambda_for(cfg: OptimConfig, total_steps: int) -> Callable[[int], float]:

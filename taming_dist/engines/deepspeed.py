@@ -12,7 +12,9 @@ import os
 
 import torch
 
-from taming_dist.engines.base import Engine, Unit, build_optimizer
+from taming_dist.engines.base import (
+    Engine, Unit, build_optimizer, load_scheduler_and_scaler, scheduler_and_scaler_state,
+)
 from taming_dist.engines.dist import ensure_process_group
 
 
@@ -47,8 +49,21 @@ def _register_table_reads(module: torch.nn.Module) -> None:
                 deepspeed.zero.register_external_parameter(parent, child.weight)
 
 
+def unflatten_zero3(parts: list[torch.Tensor], shape) -> torch.Tensor:
+    """A ZeRO-3 parameter (or a tensor laid out like it, e.g. its EMA) from every rank's flat,
+    padded partition, in rank order. Shared by the engine (export) and `convert` (offline)."""
+    numel = torch.Size(shape).numel()
+    return torch.cat([p.flatten() for p in parts])[:numel].view(shape)
+
+
+def ema_rank_key(rank: int) -> str:
+    """Under ZeRO-3 each rank's EMA is its own partition: one checkpoint key per rank."""
+    return f"ema_rank{rank:05d}"
+
+
 class DeepSpeedEngine(Engine):
     kind = "deepspeed"
+    channels_last_weights = False
 
     def __init__(self, cfg, env, device):
         super().__init__(cfg, env, device)
@@ -84,7 +99,7 @@ class DeepSpeedEngine(Engine):
         if self._partitioned():
             _register_table_reads(ds_engine.module)
         if self.cfg.compile:
-            ds_engine.compile()
+            ds_engine.compile(backend=self.cfg.compile_backend)
         return Unit(name, raw=ds_engine.module, module=ds_engine, optimizer=ds_opt, scheduler=scheduler)
 
     def _partitioned(self) -> bool:
@@ -95,17 +110,22 @@ class DeepSpeedEngine(Engine):
             if p.requires_grad:
                 yield n, (p.ds_tensor if self._partitioned() else p)
 
-    def backward(self, unit, loss, *, last_micro_step=True):
-        unit.module.set_gradient_accumulation_boundary(last_micro_step)
-        # The loop already divides by the accumulation steps.
-        unit.module.backward(loss, scale_wrt_gas=False)
+    def no_sync(self, unit):
+        # DeepSpeed defers the gradient reduction itself until the accumulation boundary, which
+        # backward sets from Engine.accumulate's bookkeeping.
+        return contextlib.nullcontext()
+
+    def backward(self, unit, loss):
+        unit.module.set_gradient_accumulation_boundary(unit.last_micro_step)
+        # Divided here like on every engine, not by DeepSpeed (whose count is per call of step).
+        unit.module.backward(loss / unit.micro_steps, scale_wrt_gas=False)
 
     def discard(self, unit):
         unit.module.set_gradient_accumulation_boundary(True)
         unit.module.zero_grad()
 
-    def step(self, unit, grad_clip=0.0):
-        # Clipping is configured in DeepSpeed's config (`gradient_clipping`) at setup.
+    def step(self, unit):
+        # Clipping is DeepSpeed's own, at the `gradient_clipping` its config got at setup.
         unit.module.step()
         norm = unit.module.get_global_grad_norm()
         norm = float(norm) if norm is not None else float("nan")
@@ -133,22 +153,48 @@ class DeepSpeedEngine(Engine):
     def lr(self, unit):
         return unit.scheduler.get_last_lr()[0]
 
-    def save(self, path, units):
-        for name, u in units.items():
-            u.module.save_checkpoint(path, tag=name, save_latest=False)
-            if u.ema:
-                torch.save(u.ema, f"{path}/{name}/ema_rank{self.env.rank:05d}.pt")
+    # -- checkpoints: DeepSpeed's own files for model + optimizer, the rest in the DCP state ---
+    def unit_state_dict(self, unit):
+        state = {"schedule": scheduler_and_scaler_state(unit)}
+        if unit.ema:
+            # ZeRO-1/2: full EMA tensors, the same on every rank; ZeRO-3: this rank's partitions.
+            state[ema_rank_key(self.env.rank) if self._partitioned() else "ema"] = unit.ema
+        return state
 
-    def load(self, path, units):
+    def load_unit_state_dict(self, unit, state):
+        load_scheduler_and_scaler(unit, state["schedule"])
+        ema = state.get(ema_rank_key(self.env.rank) if self._partitioned() else "ema", {})
+        for k, v in ema.items():
+            if v is not unit.ema[k]:
+                unit.ema[k].copy_(v)
+
+    def save_native(self, path, units):
         for name, u in units.items():
-            load_path, _ = u.module.load_checkpoint(path, tag=name, load_optimizer_states=True,
+            u.module.save_checkpoint(f"{path}/deepspeed", tag=name, save_latest=False)
+
+    def load_native(self, path, units):
+        for name, u in units.items():
+            load_path, _ = u.module.load_checkpoint(f"{path}/deepspeed", tag=name, load_optimizer_states=True,
                                                     load_lr_scheduler_states=False)
             if load_path is None:
-                raise ValueError(f"DeepSpeed found no checkpoint for unit {name!r} under {path}")
-            if u.ema:
-                ema = torch.load(f"{path}/{name}/ema_rank{self.env.rank:05d}.pt", weights_only=True)
-                for k, v in ema.items():
-                    u.ema[k].copy_(v)
+                raise ValueError(f"DeepSpeed found no checkpoint for unit {name!r} under {path}/deepspeed")
+
+    def check_resumable(self, manifest, path):
+        if manifest["engine"] != self.kind:
+            raise ValueError(
+                f"{path} was written by engine {manifest['engine']!r} but this run uses {self.kind!r}; convert it "
+                "with `taming-dist convert` and start from it with `init_from:` instead of resuming"
+            )
+        if manifest["world_size"] != self.world_size:
+            raise ValueError(
+                f"{path} is a DeepSpeed checkpoint from {manifest['world_size']} ranks and this run has "
+                f"{self.world_size}; DeepSpeed cannot reshard its own format. Convert it first: `python -m "
+                f"deepspeed.checkpoint.ds_to_universal --input_folder {path}/deepspeed/<unit> --output_folder "
+                f"{path}/deepspeed/<unit>_universal --inject_missing_state`, or resume on {manifest['world_size']} ranks"
+            )
+        if manifest.get("zero_stage") != self.cfg.zero_stage:
+            raise ValueError(f"{path} was written at ZeRO stage {manifest.get('zero_stage')} and this run uses "
+                             f"engine.zero_stage={self.cfg.zero_stage}; resume at the same stage")
 
     def _gather_flat(self, part: torch.Tensor, shape) -> torch.Tensor:
         """Rebuild a ZeRO-3 parameter from every rank's flat partition."""
@@ -156,10 +202,7 @@ class DeepSpeedEngine(Engine):
 
         parts = [torch.empty_like(part) for _ in range(self.world_size)]
         dist.all_gather(parts, part.contiguous())
-        numel = 1
-        for s in shape:
-            numel *= s
-        return torch.cat(parts)[:numel].view(shape)
+        return unflatten_zero3(parts, shape)
 
     def full_state_dict(self, unit, ema=False):
         import deepspeed

@@ -24,24 +24,22 @@ class FSDPEngine(SingleEngine):
         ensure_process_group(device)
         self.mesh = init_device_mesh(device.type, (env.world_size,))
 
+    channels_last_weights = False
+
     def _distribute(self, module, blocks):
+        """Each declared block is compiled, then sharded, then the root (torchtitan's order): every
+        block all-gathers on its own, and dynamo leaves FSDP2's hooks out of the graphs
+        (torch._dynamo.config.skip_fsdp_hooks, on by default)."""
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         if self.cfg.compile:
             for b in blocks:
-                b.compile()
+                b.compile(backend=self.cfg.compile_backend)
         mp = MixedPrecisionPolicy(param_dtype=self.dtype, reduce_dtype=torch.float32)
         for b in blocks:
             fully_shard(b, mesh=self.mesh, mp_policy=mp)
         fully_shard(module, mesh=self.mesh, mp_policy=mp)
         return module
-
-    def _wrap(self, module, **kw):
-        compile_flag, self.cfg.compile = self.cfg.compile, False  # blocks were compiled above
-        try:
-            return super()._wrap(module, **kw)
-        finally:
-            self.cfg.compile = compile_flag
 
     def _make_scaler(self):
         if self.cfg.precision != "fp16":

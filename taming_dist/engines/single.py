@@ -9,7 +9,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from taming_dist.engines.base import Engine, Unit, build_optimizer
+from taming_dist.engines.base import (
+    Engine, Unit, build_optimizer, load_scheduler_and_scaler, scheduler_and_scaler_state,
+)
+
+TORCH_ENGINES = ("single", "ddp", "fsdp")
 
 
 class SingleEngine(Engine):
@@ -19,14 +23,15 @@ class SingleEngine(Engine):
         module = self._distribute(module, blocks)
         optimizer = build_optimizer(module, optim, lr)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
-        scaler = self._make_scaler()
-        if self.cfg.compile:
-            # In-place compile keeps the parameter names (no `_orig_mod.` prefix in checkpoints).
-            module.compile()
         return Unit(name, raw=module, module=self._forward_module(module), optimizer=optimizer,
-                    scheduler=scheduler, scaler=scaler)
+                    scheduler=scheduler, scaler=self._make_scaler())
 
     def _distribute(self, module: nn.Module, blocks: list[nn.Module]) -> nn.Module:
+        """Compile (and, in FSDP2, shard) the module in place. One process and DDP compile the
+        whole module; in-place `compile()` keeps the parameter names (no `_orig_mod.` prefix in
+        checkpoints), and DDP's gradient hooks sit on the parameters, outside the graph."""
+        if self.cfg.compile:
+            module.compile(backend=self.cfg.compile_backend)
         return module
 
     def _forward_module(self, module: nn.Module):
@@ -36,33 +41,31 @@ class SingleEngine(Engine):
         return torch.amp.GradScaler("cuda") if self.cfg.precision == "fp16" else None
 
     # -- checkpoints through DCP ----------------------------------------------------------------
-    def _unit_state(self, unit: Unit) -> dict:
+    def unit_state_dict(self, unit: Unit) -> dict:
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_sd, optim_sd = get_state_dict(unit.raw, unit.optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
+        state = {"model": model_sd, "optim": optim_sd, "schedule": scheduler_and_scaler_state(unit)}
         if unit.ema:
-            state["ema"] = unit.ema
+            state["ema"] = unit.ema  # DTensors under FSDP2: DCP reshards them like the weights
         return state
 
-    def save(self, path: str, units: dict[str, Unit]) -> None:
-        import torch.distributed.checkpoint as dcp
-
-        state = {name: self._unit_state(u) for name, u in units.items()}
-        dcp.save(state, checkpoint_id=f"{path}/dcp")
-
-    def load(self, path: str, units: dict[str, Unit]) -> None:
-        import torch.distributed.checkpoint as dcp
+    def load_unit_state_dict(self, unit: Unit, state: dict) -> None:
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
-        state = {name: self._unit_state(u) for name, u in units.items()}
-        dcp.load(state, checkpoint_id=f"{path}/dcp")
-        for name, u in units.items():
-            set_state_dict(u.raw, u.optimizer, model_state_dict=state[name]["model"],
-                           optim_state_dict=state[name]["optim"])
-            if u.ema:
-                for k, v in state[name]["ema"].items():
-                    u.ema[k].copy_(v)
+        set_state_dict(unit.raw, unit.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        load_scheduler_and_scaler(unit, state["schedule"])
+        for k, v in state.get("ema", {}).items():
+            if v is not unit.ema[k]:
+                unit.ema[k].copy_(v)
+
+    def check_resumable(self, manifest: dict, path: str) -> None:
+        if manifest["engine"] not in TORCH_ENGINES:
+            raise ValueError(
+                f"{path} was written by engine {manifest['engine']!r} but this run uses {self.kind!r}; convert it "
+                "with `taming-dist convert` and start from it with `init_from:` instead of resuming"
+            )
+        # Any world size: DCP reshards the weights, the optimizer state and the EMA.
 
     def full_state_dict(self, unit: Unit, ema: bool = False) -> dict[str, torch.Tensor]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

@@ -76,7 +76,7 @@ def build_lpips(cfg: VQLossConfig) -> nn.Module:
     per-image distance (B, 1, 1, 1)."""
     import lpips
 
-    from taming_dist.checkpoint.safe_load import safe_load
+    from taming_dist.weights.safe_load import safe_load
 
     weights, path = None, None
     if cfg.lpips_backbone != "random":  # read (and check) the file before the 2 s VGG16 build

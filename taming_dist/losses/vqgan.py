@@ -7,12 +7,38 @@ Every reduction runs in fp32, also under autocast.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable, ContextManager
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from taming_dist.config import VQLossConfig
 from taming_dist.losses.lpips import build_lpips
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """fp32, or float64 when given (the gradient checks run the losses in double)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+@dataclass
+class GeneratorObjective:
+    grad_rec: torch.Tensor  # dL/dxrec of the terms on the reconstruction (fp32, no graph)
+    codebook: torch.Tensor  # codebook_weight * mean(qloss), with its graph into the encoder
+    loss: torch.Tensor  # the generator loss's value (detached)
+    logs: dict
+
+    def surrogate(self, xrec: torch.Tensor) -> torch.Tensor:
+        """A scalar whose gradient w.r.t. every generator parameter is the generator loss's:
+        <xrec, dL/dxrec> + the codebook term."""
+        return (_wide(xrec) * self.grad_rec).sum() + self.codebook
 
 
 class VQGANLoss(nn.Module):
@@ -31,12 +57,12 @@ class VQGANLoss(nn.Module):
     def reconstruction_loss(self, x: torch.Tensor, xrec: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """x, xrec (B, C, H, W) in [-1, 1] -> nll = mean(pixel_weight * |x - xrec| +
         perceptual_weight * LPIPS(x, xrec)), as a scalar fp32 tensor, and logs."""
-        x32, r32 = x.float(), xrec.float()
+        x32, r32 = _wide(x), _wide(xrec)
         l1 = (x32 - r32).abs()
         rec = self.cfg.pixel_weight * l1
         logs = {"l1": l1.mean().detach()}
         if self.perceptual_loss is not None:
-            p = self.perceptual_loss(x32.contiguous(), r32.contiguous()).float()  # (B, 1, 1, 1)
+            p = _wide(self.perceptual_loss(x32.contiguous(), r32.contiguous()))  # (B, 1, 1, 1)
             rec = rec + self.cfg.perceptual_weight * p
             logs["lpips"] = p.mean().detach()
         nll = rec.mean()
@@ -44,7 +70,7 @@ class VQGANLoss(nn.Module):
         return nll, logs
 
     def generator_adv_loss(self, logits_fake: torch.Tensor) -> torch.Tensor:
-        logits_fake = logits_fake.float()
+        logits_fake = _wide(logits_fake)
         if self.cfg.disc_loss == "non_saturating":
             return F.softplus(-logits_fake).mean()
         return -logits_fake.mean()  # the original's generator term, for hinge and vanilla alike
@@ -57,24 +83,61 @@ class VQGANLoss(nn.Module):
     def adaptive_weight(nll_grad: torch.Tensor, g_grad: torch.Tensor, disc_weight: float) -> torch.Tensor:
         """||dnll/dlast|| / (||dg/dlast|| + 1e-4), clamped to [0, 1e4], detached, times disc_weight
         (Esser et al. 2021, eq. 7; taming's `calculate_adaptive_weight`)."""
-        w = torch.norm(nll_grad.float()) / (torch.norm(g_grad.float()) + 1e-4)
+        w = torch.norm(_wide(nll_grad)) / (torch.norm(_wide(g_grad)) + 1e-4)
         return torch.clamp(w, 0.0, 1e4).detach() * disc_weight
 
-    def generator_loss(self, nll: torch.Tensor, qloss: torch.Tensor, g_loss: torch.Tensor, d_weight, step: int
-                       ) -> tuple[torch.Tensor, dict]:
-        """nll + d_weight * disc_factor(step) * g_loss + codebook_weight * mean(qloss)."""
+    def generator_objective(self, x: torch.Tensor, xrec: torch.Tensor, qloss: torch.Tensor, step: int, *,
+                            disc_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                            last_layer_grad: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                            mean_fn: Callable[[torch.Tensor], torch.Tensor] = _identity,
+                            autocast: Callable[[], ContextManager] = nullcontext) -> "GeneratorObjective":
+        """The generator loss  nll + d_weight * disc_factor * g_loss + codebook_weight * mean(qloss),
+        as the one source of both its logged value and its gradient.
+
+        The terms that depend on the reconstruction are evaluated on a detached copy `rec`, and
+        their gradients w.r.t. it are summed into `grad_rec` with the same weights that sum the
+        value, so a term added to `terms` changes the logs and the training signal alike. Training
+        then needs ONE backward of `surrogate(xrec)` through the generator (no second pass of LPIPS
+        or the PatchGAN through the engine's graph, which DeepSpeed cannot take).
+
+        disc_fn:         rec -> PatchGAN logits, the discriminator frozen (needed from disc_start on)
+        last_layer_grad: dL/drec -> dL/d(decoder's last weight), for the adaptive weight
+        mean_fn:         average across data-parallel ranks (so d_weight is the global-batch value)
+        """
+        rec = _wide(xrec.detach()).requires_grad_()
+        with autocast():
+            nll, logs = self.reconstruction_loss(x, rec)
+        grad_nll, = torch.autograd.grad(nll, rec)
         df = self.disc_factor(step)
-        q = qloss.float().mean()
-        loss = nll.float() + d_weight * df * g_loss + self.cfg.codebook_weight * q
-        logs = {"loss": loss.detach(), "nll": nll.detach().float(), "quant_loss": q.detach(),
-                "g_loss": torch.as_tensor(g_loss).detach().float(), "d_weight": torch.as_tensor(d_weight).detach(),
-                "disc_factor": torch.tensor(df)}
-        return loss, logs
+        zero = torch.zeros((), device=x.device)
+        g_loss, grad_g, d_weight = zero, torch.zeros_like(rec), zero
+        if df > 0.0:
+            if disc_fn is None:
+                raise ValueError(f"step {step} is past loss.disc_start: the generator objective needs disc_fn")
+            with autocast():
+                g_loss = self.generator_adv_loss(disc_fn(rec))
+            grad_g, = torch.autograd.grad(g_loss, rec)
+            if self.cfg.adaptive_weight:
+                if last_layer_grad is None:
+                    raise ValueError("loss.adaptive_weight needs last_layer_grad (dL/drec -> dL/dlast_layer)")
+                d_weight = self.adaptive_weight(mean_fn(last_layer_grad(grad_nll)), mean_fn(last_layer_grad(grad_g)),
+                                                self.cfg.disc_weight)
+            else:
+                d_weight = torch.tensor(self.cfg.disc_weight, dtype=rec.dtype, device=x.device)
+        # (weight, value, d value / d rec) of every term on the reconstruction
+        terms = [(1.0, nll, grad_nll), (d_weight * df, g_loss, grad_g)]
+        q = _wide(qloss).mean()
+        codebook = self.cfg.codebook_weight * q
+        value = sum(w * _wide(v.detach()) for w, v, _ in terms) + codebook.detach()
+        grad_rec = sum(w * g for w, _, g in terms)
+        logs.update({"loss": value, "nll": nll.detach(), "quant_loss": q.detach(), "g_loss": _wide(g_loss.detach()),
+                     "d_weight": torch.as_tensor(d_weight).detach(), "disc_factor": torch.tensor(df)})
+        return GeneratorObjective(grad_rec=grad_rec, codebook=codebook, loss=value, logs=logs)
 
     def discriminator_loss(self, logits_real: torch.Tensor, logits_fake: torch.Tensor, step: int
                            ) -> tuple[torch.Tensor, dict]:
         """disc_factor(step) * the hinge or logistic ("vanilla"; also used for non_saturating) loss."""
-        real, fake = logits_real.float(), logits_fake.float()
+        real, fake = _wide(logits_real), _wide(logits_fake)
         if self.cfg.disc_loss == "hinge":
             d = 0.5 * (F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean())
         else:

@@ -96,6 +96,10 @@ class NLayerDiscriminator(nn.Module):
         self.main = nn.Sequential(*seq)
         self.apply(weights_init)
 
+    def parallel_blocks(self) -> list[nn.Module]:
+        """None: a PatchGAN is a few convolutions, sharded and compiled as one module."""
+        return []
+
     def set_reduce_fn(self, fn: Callable[[torch.Tensor], Optional[torch.Tensor]]) -> None:
         """Hand the cross-rank sum to every ActNorm (their data-dependent init); no-op otherwise."""
         for m in self.modules():

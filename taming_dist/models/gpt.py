@@ -189,6 +189,10 @@ class GPT(nn.Module):
             module.bias.data.zero_()
             module.weight.data.fill_(1.0)
 
+    def parallel_blocks(self) -> list[nn.Module]:
+        """The transformer blocks, which engines checkpoint, compile and shard one by one."""
+        return list(self.blocks)
+
     def make_cache(self, max_len: Optional[int] = None) -> KVCache:
         """An empty cache for up to `max_len` positions (block_size by default)."""
         max_len = self.config.block_size if max_len is None else max_len

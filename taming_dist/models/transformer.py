@@ -15,6 +15,7 @@ from taming_dist.config.schema import TransformerModelConfig
 from taming_dist.models.gpt import GPT
 from taming_dist.models.sampling import generate
 from taming_dist.models.vqgan import VQModel
+from taming_dist.weights.folder import load_pretrained
 
 Condition = Union[None, int, list, torch.Tensor]
 
@@ -236,8 +237,6 @@ class Transformer(nn.Module):
     def from_pretrained(cls, folder) -> "Transformer":
         """Load a model folder (config.json + model.safetensors from training, `export` or
         `import-taming`), in eval mode; a pipeline export's `transformer/` sub-folder is found too."""
-        from taming_dist.checkpoint.pretrained import load_pretrained
-
         return load_pretrained(cls, folder, "transformer")
 
     @torch.no_grad()

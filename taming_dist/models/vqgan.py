@@ -9,8 +9,9 @@ import torch
 import torch.nn as nn
 
 from taming_dist.config.schema import VQModelConfig
-from taming_dist.models.blocks import Decoder, Encoder
+from taming_dist.models.blocks import AttnBlock, Decoder, Encoder, ResnetBlock
 from taming_dist.models.quantize import build_quantizer
+from taming_dist.weights.folder import load_pretrained
 
 
 class VQModel(nn.Module):
@@ -47,6 +48,11 @@ class VQModel(nn.Module):
     @grad_checkpointing.setter
     def grad_checkpointing(self, value: bool) -> None:
         self.encoder.grad_checkpointing = self.decoder.grad_checkpointing = bool(value)
+
+    def parallel_blocks(self) -> list[nn.Module]:
+        """The repeated blocks engines treat one by one: activation checkpointing runs each through
+        `torch.utils.checkpoint`, compile and FSDP2's `fully_shard` take each before the root."""
+        return [b for part in (self.encoder, self.decoder) for b in part.modules() if isinstance(b, (ResnetBlock, AttnBlock))]
 
     def encode(self, x: torch.Tensor):
         """x (B, C, R, R) -> (quant (B, embed_dim, R/f, R/f), codebook loss, info)."""
@@ -94,8 +100,6 @@ class VQModel(nn.Module):
     def from_pretrained(cls, folder) -> "VQModel":
         """Load a model folder (config.json + model.safetensors from training, `export` or
         `import-taming`), in eval mode; a pipeline export's `vqgan/` sub-folder is found too."""
-        from taming_dist.checkpoint.pretrained import load_pretrained
-
         return load_pretrained(cls, folder, "vqgan")
 
     def get_last_layer(self) -> torch.Tensor:

@@ -2,30 +2,10 @@
 or another run folder's exported model). Mismatched keys are listed, never silently dropped."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch.nn as nn
 
 from taming_dist.logging import print0
-
-
-def read_weights(path: str) -> dict:
-    """Weights from a model folder (config.json + model.safetensors), a run folder (its `model/`)
-    or a single file (.safetensors, or a torch file loaded with weights_only=True)."""
-    from taming_dist.checkpoint.pretrained import load_model_folder
-    from taming_dist.checkpoint.safe_load import safe_load
-
-    p = Path(path)
-    if p.is_dir():
-        folder = resolve_model_folder(path)
-        _, _, sd = load_model_folder(folder)
-        if (folder / "loss.safetensors").exists():  # discriminator + LPIPS kept by import-taming --keep-loss
-            sd.update({f"loss.{k}": v for k, v in safe_load(str(folder / "loss.safetensors")).items()})
-        return sd
-    if not p.exists():
-        raise FileNotFoundError(f"init_from: {p} does not exist")
-    obj = safe_load(str(p))
-    return obj.get("state_dict", obj) if isinstance(obj, dict) else obj
+from taming_dist.weights.folder import read_weights
 
 
 def load_init_weights(path: str, modules: dict[str, nn.Module], verbose: bool = True) -> None:
@@ -57,12 +37,3 @@ def load_init_weights(path: str, modules: dict[str, nn.Module], verbose: bool = 
             print0(f"init_from {path} -> {name}: all {len(own)} tensors loaded")
 
 
-def resolve_model_folder(path: str) -> Path:
-    """A model folder itself, or a run folder's exported `model/`."""
-    p = Path(path)
-    if (p / "model" / "config.json").exists():
-        return p / "model"
-    if (p / "config.json").exists():
-        return p
-    raise FileNotFoundError(f"{path} holds no model: expected config.json + model.safetensors (a model folder "
-                            "from training, `export` or `import-taming`) or a run folder with model/")

@@ -6,7 +6,6 @@ the batches carry pre-extracted codes and the first stage only decodes sample im
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -40,7 +39,7 @@ class TransformerTask:
             if frozen is not None:
                 frozen.to(engine.device)
         self.G = engine.setup(model.transformer, name="transformer", optim=t.optim, lr=t.optim.lr,
-                              lr_lambda=lr_lambda_for(t.optim, t.steps), blocks=list(model.transformer.blocks),
+                              lr_lambda=lr_lambda_for(t.optim, t.steps),
                               micro_batch_size=t.micro_batch_size, grad_accum=grad_accum, ema_decay=t.ema_decay)
         self.units = {"transformer": self.G}
 
@@ -50,22 +49,20 @@ class TransformerTask:
     def train_step(self, micro_batches: list[dict], step: int) -> dict:
         eng, n = self.engine, len(micro_batches)
         stats: dict[str, float] = {}
-        for i, mb in enumerate(micro_batches):
+        for mb in eng.accumulate(self.G, micro_batches):
             batch = to_device(mb, eng.device)
-            last = i == n - 1
             with torch.no_grad(), eng.autocast():
                 inputs = self.model.make_training_inputs(batch)
-            with (eng.no_sync(self.G) if not last else nullcontext()):
-                with eng.autocast():
-                    logits = self.G.module(inputs["idx"], context=inputs["context"])
-                loss, logs = image_token_loss(logits, inputs["targets"], inputs["c_len"])
-                if not all_finite(eng, loss):
-                    eng.discard(self.G)
-                    return {"skipped": 1.0}
-                eng.backward(self.G, loss / n, last_micro_step=last)
+            with eng.autocast():
+                logits = self.G.module(inputs["idx"], context=inputs["context"])
+            loss, logs = image_token_loss(logits, inputs["targets"], inputs["c_len"])
+            if not all_finite(eng, loss):
+                eng.discard(self.G)
+                return {"skipped": 1.0}
+            eng.backward(self.G, loss)
             for k, v in {"loss": loss, **logs}.items():
                 stats[k] = stats.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) / n
-        stats.update(eng.step(self.G, self.cfg.train.optim.grad_clip))
+        stats.update(eng.step(self.G))
         stats["skipped"] = float(stats.pop("skipped"))
         stats["lr"] = eng.lr(self.G)
         return eng.mean_over_ranks(stats)
@@ -103,7 +100,7 @@ class TransformerTask:
         return [path]
 
     def export(self, folder: Path, ema: bool = True) -> None:
-        from taming_dist.checkpoint.pretrained import save_model_folder
+        from taming_dist.weights.folder import save_model_folder
 
         gpt_sd = self.engine.full_state_dict(self.G, ema=ema and bool(self.G.ema))
         if self.engine.is_main:

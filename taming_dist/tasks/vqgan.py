@@ -6,15 +6,14 @@ step, then the discriminator step on the detached reconstruction (as LlamaGen do
 The adaptive GAN weight (Esser et al. 2021, eq. 7) needs the gradients of the reconstruction
 loss and of the GAN loss w.r.t. the decoder's last layer. Under FSDP2 and ZeRO-3 that weight is
 sharded, and DeepSpeed breaks when `autograd.grad` runs through its engine. So every engine takes
-one path (measured exact in shared/notes/platform-facts.md): both losses are computed on a detached
-copy of the reconstruction, their gradients w.r.t. it are mapped onto `conv_out.weight` with
-`torch.nn.grad.conv2d_weight` from conv_out's captured input, averaged across ranks (which gives
-the global-batch value), and the generator's backward is a single `backward` of
+one path (measured exact, docs/platform-notes.md): `VQGANLoss.generator_objective` computes both
+losses on a detached copy of the reconstruction; their gradients w.r.t. it are mapped onto
+`conv_out.weight` with `torch.nn.grad.conv2d_weight` from conv_out's captured input, averaged across
+ranks (which gives the global-batch value), and the generator's backward is a single `backward` of
 `<xrec, dL/dxrec> + codebook term` on the real graph: no second forward of LPIPS or the PatchGAN.
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -23,7 +22,6 @@ import torch.nn as nn
 from taming_dist.config import RunConfig
 from taming_dist.engines.base import Engine, lr_lambda_for
 from taming_dist.losses.vqgan import VQGANLoss
-from taming_dist.models.blocks import AttnBlock, ResnetBlock
 from taming_dist.models.discriminator import NLayerDiscriminator
 from taming_dist.models.vqgan import VQModel
 from taming_dist.tasks.base import all_finite, to_device
@@ -38,6 +36,9 @@ class RealFakeDiscriminator(nn.Module):
     def __init__(self, discriminator: nn.Module):
         super().__init__()
         self.discriminator = discriminator
+
+    def parallel_blocks(self) -> list[nn.Module]:
+        return self.discriminator.parallel_blocks()
 
     def forward(self, real: torch.Tensor, fake: torch.Tensor | None = None):
         # One input: the generator step's logits (called on the sharded root, so FSDP2 gathers).
@@ -61,11 +62,10 @@ class VQGANTask:
         self.loss = VQGANLoss(cfg.loss).to(engine.device)
         self._conv_out_in: torch.Tensor | None = None
         model.decoder.conv_out.register_forward_hook(self._capture_conv_out_input)
-        blocks = [m for m in model.modules() if isinstance(m, (ResnetBlock, AttnBlock))]
         scale = t.global_batch_size if t.optim.scale_lr else 1
         common = dict(micro_batch_size=t.micro_batch_size, grad_accum=grad_accum)
         self.G = engine.setup(model, name="generator", optim=t.optim, lr=t.optim.lr * scale,
-                              lr_lambda=lr_lambda_for(t.optim, t.steps), blocks=blocks,
+                              lr_lambda=lr_lambda_for(t.optim, t.steps),
                               ema_decay=t.ema_decay, **common)
         dscale = t.global_batch_size if t.disc_optim.scale_lr else 1
         self.D = engine.setup(disc, name="discriminator", optim=t.disc_optim, lr=t.disc_optim.lr * dscale,
@@ -78,70 +78,53 @@ class VQGANTask:
     def work_per_sample(self) -> tuple[str, int]:
         return "images", 1
 
-    def _generator_grad(self, x: torch.Tensor, xrec: torch.Tensor, disc_factor: float):
-        """dL/dxrec of nll + d_weight * disc_factor * g_loss, with the adaptive d_weight."""
-        eng, lcfg = self.engine, self.cfg.loss
-        rec = xrec.detach().float().requires_grad_()
-        with eng.autocast():
-            nll, logs = self.loss.reconstruction_loss(x, rec)
-        grad_nll, = torch.autograd.grad(nll, rec)
-        if disc_factor == 0.0:
-            return grad_nll, nll, torch.zeros((), device=x.device), torch.zeros((), device=x.device), logs
-        with eng.frozen(self.D) as d, eng.autocast():
-            g_loss = self.loss.generator_adv_loss(d(rec))
-        grad_g, = torch.autograd.grad(g_loss, rec)
-        if lcfg.adaptive_weight:
-            h = self._conv_out_in.detach().float()
-            shape = (rec.shape[1], h.shape[1], 3, 3)
-            conv = lambda go: torch.nn.grad.conv2d_weight(h, shape, go, stride=1, padding=1)  # noqa: E731
-            w_nll = eng.all_reduce(conv(grad_nll), "mean")
-            w_g = eng.all_reduce(conv(grad_g), "mean")
-            d_weight = VQGANLoss.adaptive_weight(w_nll, w_g, lcfg.disc_weight)
-        else:
-            d_weight = torch.tensor(lcfg.disc_weight, device=x.device)
-        return grad_nll + d_weight * disc_factor * grad_g, nll, g_loss.detach(), d_weight, logs
+    def _last_layer_grad(self, grad_rec: torch.Tensor) -> torch.Tensor:
+        """dL/dxrec -> dL/d(decoder.conv_out.weight), from conv_out's captured input: the same
+        value as autograd w.r.t. the weight, without touching the (possibly sharded) parameter."""
+        h = self._conv_out_in.detach().float()
+        shape = (grad_rec.shape[1], h.shape[1], 3, 3)
+        return torch.nn.grad.conv2d_weight(h, shape, grad_rec, stride=1, padding=1)
 
     def train_step(self, micro_batches: list[dict], step: int) -> dict:
-        eng, n = self.engine, len(micro_batches)
+        eng = self.engine
+        n = len(micro_batches)
         disc_factor = self.loss.disc_factor(step)
         stats: dict[str, float] = {}
-        recs, ok = [], True
-        for i, mb in enumerate(micro_batches):
+        recs = []
+
+        def disc_fn(rec):
+            with eng.frozen(self.D) as d:
+                return d(rec)
+
+        for mb in eng.accumulate(self.G, micro_batches):
             x = to_device(mb, eng.device)["image"]
             if self.cfg.engine.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            last = i == n - 1
-            with (eng.no_sync(self.G) if not last else nullcontext()):
-                with eng.autocast():
-                    xrec, qloss, info = self.G.module(x)
-                grad_rec, nll, g_loss, d_weight, logs = self._generator_grad(x, xrec, disc_factor)
-                loss, glogs = self.loss.generator_loss(nll, qloss, g_loss, d_weight, step)
-                if not all_finite(eng, loss, grad_rec):
-                    ok = False
-                    break
-                surrogate = (xrec.float() * grad_rec).sum() + self.cfg.loss.codebook_weight * qloss.float().mean()
-                eng.backward(self.G, surrogate / n, last_micro_step=last)
+            with eng.autocast():
+                xrec, qloss, info = self.G.module(x)
+            obj = self.loss.generator_objective(x, xrec, qloss, step, disc_fn=disc_fn,
+                                                last_layer_grad=self._last_layer_grad,
+                                                mean_fn=lambda t: eng.all_reduce(t, "mean"), autocast=eng.autocast)
+            if not all_finite(eng, obj.loss, obj.grad_rec):
+                eng.discard(self.G)
+                return {"skipped": 1.0}
+            eng.backward(self.G, obj.surrogate(xrec))
             recs.append((x, xrec.detach()))
-            _accumulate(stats, {**logs, **glogs, "perplexity": info["perplexity"], "usage": info["usage"]}, n)
-        if not ok:
-            eng.discard(self.G)
-            return {"skipped": 1.0}
-        stats.update({f"g_{k}": v for k, v in eng.step(self.G, self.cfg.train.optim.grad_clip).items()})
+            _accumulate(stats, {**obj.logs, "perplexity": info["perplexity"], "usage": info["usage"]}, n)
+        stats.update({f"g_{k}": v for k, v in eng.step(self.G).items()})
         stats["lr"] = eng.lr(self.G)
         if disc_factor > 0.0:
             # The discriminator is not trained before disc_start (its loss is zero there anyway).
-            for i, (x, xrec) in enumerate(recs):
-                last = i == n - 1
-                with (eng.no_sync(self.D) if not last else nullcontext()):
-                    with eng.autocast():
-                        real, fake = self.D.module(x, xrec)
-                        d_loss, dlogs = self.loss.discriminator_loss(real, fake, step)
-                    if not all_finite(eng, d_loss):
-                        eng.discard(self.D)
-                        return {**stats, "skipped": 1.0}
-                    eng.backward(self.D, d_loss / n, last_micro_step=last)
+            for x, xrec in eng.accumulate(self.D, recs):
+                with eng.autocast():
+                    real, fake = self.D.module(x, xrec)
+                    d_loss, dlogs = self.loss.discriminator_loss(real, fake, step)
+                if not all_finite(eng, d_loss):
+                    eng.discard(self.D)
+                    return {**stats, "skipped": 1.0}
+                eng.backward(self.D, d_loss)
                 _accumulate(stats, dlogs, n)
-            stats.update({f"d_{k}": v for k, v in eng.step(self.D, self.cfg.train.disc_optim.grad_clip).items()})
+            stats.update({f"d_{k}": v for k, v in eng.step(self.D).items()})
         stats["skipped"] = float(stats.get("g_skipped", 0.0) or stats.get("d_skipped", 0.0))
         return eng.mean_over_ranks(stats)
 
@@ -163,7 +146,7 @@ class VQGANTask:
         return [path]
 
     def export(self, folder: Path, ema: bool = True) -> None:
-        from taming_dist.checkpoint.pretrained import save_model_folder
+        from taming_dist.weights.folder import save_model_folder
 
         sd = self.engine.full_state_dict(self.G, ema=ema and bool(self.G.ema))
         if self.engine.is_main:

@@ -78,8 +78,8 @@ def train(cfg: RunConfig, resume: str = "auto") -> dict:
     start, bad_in_row, skipped_total = 0, 0, 0
     path = _resume_path(ckpt, resume)
     if path is not None:
-        meta, extra = ckpt.load(path, task.units)
-        start, skipped_total = meta["step"], meta.get("skipped_total", 0)
+        start, counters, extra = ckpt.load(path, task.units)
+        skipped_total = counters.get("skipped_total", 0)
         if "data" in extra:
             stream.load_state_dict(extra["data"])
         print0(f"resumed from {path} at step {start}")
@@ -144,9 +144,9 @@ def _resume_path(ckpt: CheckpointManager, resume: str):
     if resume == "auto":
         return ckpt.latest()
     p = Path(resume)
-    if not (p / "meta.pt").exists():
-        raise FileNotFoundError(f"--resume {resume}: not a checkpoint folder (no meta.pt)")
-    return p
+    if not (p / "manifest.json").exists() and not (p / "meta.pt").exists():
+        raise FileNotFoundError(f"--resume {resume}: not a checkpoint folder (no manifest.json)")
+    return p  # an old-format folder (meta.pt) is refused with its format version by the manager
 
 
 def _all_true(engine, flag: bool) -> bool:

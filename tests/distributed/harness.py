@@ -1,42 +1,61 @@
 """Runs tasks on engines with fixed global batches, for the engine-equivalence tests.
 
-Usage (one process or under torchrun): python harness.py OUT.json SPEC [SPEC ...]
+Usage (one process or under torchrun): python harness.py OUT_DIR SPEC [SPEC ...]
 SPEC = stage:engine[:zero_stage][:precision][:ac|noac][:accum][:key=value ...]
        e.g. vqgan:deepspeed:3:fp32:ac or transformer:fsdp:2:fp32:noac:train.ema_decay=0.5
-Each rank takes its slice of the same global batch, so every world size sees the same data;
-rank 0 writes per-step metrics and the final full parameters (as lists of sums) to OUT.json.
+key=value pairs are config overrides, except these harness switches:
+  break=skip_step     rank 1 (rank 0 in one process) skips its optimizer update at step 2 (a negative control)
+  break=no_grad_sync  every backward runs inside the engine's no_sync (gradients never averaged)
+  save=N              stop after N steps and write a checkpoint to OUT_DIR/ckpt_<tag>
+  resume=TAG          load OUT_DIR/ckpt_<TAG> first and continue from its step
+  tag=NAME            names the spec's checkpoint (default: its index)
+Each rank takes its slice of the same global batch, so every world size sees the same data.
+Rank 0 writes OUT_DIR/results.json (per-step metrics, mechanism counters) and, per spec,
+OUT_DIR/<index>.pt: for every unit and tensor the update theta_end - theta_init (full tensors,
+fp64), EMA the same way, and (single process) each tensor's gradient norm at step 0.
 """
 from __future__ import annotations
 
 import json
 import os
 import sys
+from pathlib import Path
 
 import torch
+import torch.nn as nn
 
+from taming_dist.checkpoint.manager import CheckpointManager
 from taming_dist.config import load_config
 from taming_dist.engines import build_engine, env_from_environ, init_distributed
 from taming_dist.train.loop import build_task, grad_accum_steps
 
 STEPS = 5
 GLOBAL_BATCH = 8
+HARNESS_KEYS = ("break", "save", "resume", "tag")
 
 
 def make_cfg(stage: str, engine: str, zero: int, precision: str, ac: bool, micro: int, extra: tuple = ()):
+    # Warmup + cosine decay and active clipping, so the schedule and clipping are part of what
+    # every engine must reproduce.
     common = [f"engine.kind={engine}", f"engine.zero_stage={zero}", f"engine.precision={precision}",
               f"engine.activation_checkpointing={ac}", f"train.global_batch_size={GLOBAL_BATCH}",
-              f"train.micro_batch_size={micro}", "logging.wandb_mode=disabled"]
+              f"train.micro_batch_size={micro}", "logging.wandb_mode=disabled", f"train.steps={STEPS}",
+              "train.optim.warmup_steps=2", "train.optim.schedule=cosine", "train.optim.min_lr_ratio=0.1"]
     if stage == "vqgan":
         return load_config("vqgan-tiny", common + [
-            "loss.disc_start=0", "loss.lpips_backbone=random", "loss.perceptual_weight=1.0", "train.optim.lr=1e-4", "train.disc_optim.lr=1e-4",
+            # lr 5e-5: small enough that no code assignment (argmin) or L1 sign flips within the 5
+            # steps on any engine; at 1e-4 the 2-rank runs with accumulation cross one such
+            # discrete boundary that one process does not, and then differ by 2% of the update.
+            "loss.disc_start=0", "loss.lpips_backbone=random", "loss.perceptual_weight=1.0", "train.optim.lr=5e-5",
+            "train.disc_optim.lr=5e-5", "train.disc_optim.warmup_steps=2", "train.disc_optim.schedule=cosine",
             "vqgan.ddconfig.ch=32", "vqgan.ddconfig.ch_mult=[1,2]", "vqgan.ddconfig.resolution=16",
             "vqgan.ddconfig.attn_resolutions=[8]", "loss.discriminator.n_layers=2",
             # BatchNorm statistics depend on the per-rank batch, so they cannot match one process.
-            "loss.discriminator.norm=none", "train.optim.grad_clip=1.0", *extra,
+            "loss.discriminator.norm=none", "train.optim.grad_clip=0.05", "train.disc_optim.grad_clip=0.01", *extra,
         ])
     return load_config("transformer-tiny", common + [
         "data.kind=codes", "data.path=unused", "transformer.condition.class_dropout=0.0",
-        "transformer.gpt.n_layer=2", "transformer.gpt.n_embd=64", "train.optim.warmup_steps=0", *extra,
+        "transformer.gpt.n_layer=2", "transformer.gpt.n_embd=64", "train.optim.grad_clip=0.5", *extra,
     ])
 
 
@@ -51,43 +70,173 @@ def global_batch(stage: str, step: int, cfg) -> dict:
             "label": torch.randint(0, cfg.transformer.condition.n_classes, (GLOBAL_BATCH,), generator=g)}
 
 
-def run_spec(spec: str, env, device) -> dict:
+class Probes:
+    """What the switches must change, observed in the step: block forwards (activation
+    checkpointing recomputes each block in backward), the memory format of every conv input and
+    weight (channels_last), and dynamo's compiled graphs (compile)."""
+
+    def __init__(self, units):
+        from torch._dynamo.utils import counters
+
+        self.graphs_before = int(counters["stats"]["unique_graphs"])
+        self.block_forwards = 0
+        self.conv_inputs = [0, 0]  # [channels_last, total]
+        self.conv_weights = [0, 0]
+        for unit in units.values():
+            for b in unit.raw.parallel_blocks():
+                # a pre-hook: checkpoint's recompute stops early, before a block's forward returns
+                b.register_forward_pre_hook(self._count)
+            for m in unit.raw.modules():
+                if isinstance(m, nn.Conv2d):
+                    m.register_forward_pre_hook(self._formats)
+
+    def _count(self, module, inputs):
+        self.block_forwards += 1
+
+    def _formats(self, module, inputs):
+        for seen, t in ((self.conv_inputs, inputs[0]), (self.conv_weights, module.weight)):
+            if t.dim() == 4 and t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+                continue  # both layouts at once (1x1 kernels, one channel): says nothing
+            seen[0] += int(t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
+            seen[1] += 1
+
+    def report(self) -> dict:
+        from torch._dynamo.utils import counters
+
+        return {"block_forwards": self.block_forwards, "conv_inputs": self.conv_inputs,
+                "conv_weights": self.conv_weights, "graphs": int(counters["stats"]["unique_graphs"]) - self.graphs_before}
+
+
+def _parse(spec: str, world_size: int):
     parts = spec.split(":")
-    stage, engine_kind = parts[0], parts[1]
-    zero = int(parts[2]) if len(parts) > 2 else 2
-    precision = parts[3] if len(parts) > 3 else "fp32"
-    ac = len(parts) > 4 and parts[4] == "ac"
-    micro = GLOBAL_BATCH // env.world_size // (2 if "accum" in parts else 1)
-    overrides = tuple(p for p in parts if "=" in p)  # e.g. init_from=/path, train.ema_decay=0.9
-    cfg = make_cfg(stage, engine_kind, zero, precision, ac, micro, extra=overrides)
+    opts = dict(p.split("=", 1) for p in parts if "=" in p and p.split("=", 1)[0] in HARNESS_KEYS)
+    overrides = tuple(p for p in parts if "=" in p and p.split("=", 1)[0] not in HARNESS_KEYS)
+    plain = [p for p in parts if "=" not in p]
+    stage, engine_kind = plain[0], plain[1]
+    zero = int(plain[2]) if len(plain) > 2 else 2
+    precision = plain[3] if len(plain) > 3 else "fp32"
+    ac = len(plain) > 4 and plain[4] == "ac"
+    micro = GLOBAL_BATCH // world_size // (2 if "accum" in plain else 1)  # accum: 2 micro-steps
+    return stage, make_cfg(stage, engine_kind, zero, precision, ac, micro, extra=overrides), opts
+
+
+def _break(engine, task, opts, env):
+    """Deliberately broken variants, to prove the comparisons can fail."""
+    kind = opts.get("break")
+    if kind == "skip_step":
+        unit = next(iter(task.units.values()))
+        inner = getattr(unit.optimizer, "optimizer", unit.optimizer)  # the torch AdamW inside ZeRO's wrapper
+        real, calls = inner.step, [0]
+
+        def step(*a, **k):
+            calls[0] += 1
+            if calls[0] == 3 and env.rank == min(1, env.world_size - 1):
+                return None  # this rank's parameters (or its shard) miss one update
+            return real(*a, **k)
+
+        inner.step = step
+    elif kind == "no_grad_sync":
+        real_accumulate = engine.accumulate
+
+        def accumulate(unit, items):
+            with engine.no_sync(unit):
+                yield from real_accumulate(unit, items)
+
+        engine.accumulate = accumulate
+    elif kind:
+        raise ValueError(f"unknown break={kind}")
+
+
+def _full(engine, task, ema: bool) -> dict:
+    return {name: {k: v.double() for k, v in engine.full_state_dict(u, ema=ema).items() if v.is_floating_point()}
+            for name, u in task.units.items()}
+
+
+def _replica_spread(engine, full: dict, env) -> float:
+    """Largest difference between this rank's view of the full weights and rank 0's (0 when every
+    rank holds the same model), max over ranks."""
+    if not env.is_distributed:
+        return 0.0
+    import torch.distributed as dist
+
+    worst = torch.zeros((), dtype=torch.float64)
+    for sd in full.values():
+        for t in sd.values():
+            ref = t.clone()
+            dist.broadcast(ref, 0)
+            worst = torch.maximum(worst, (t - ref).abs().max())
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    return float(worst)
+
+
+def run_spec(index: int, spec: str, out: Path, env, device) -> dict:
+    stage, cfg, opts = _parse(spec, env.world_size)
     torch.manual_seed(0)
     engine = build_engine(cfg.engine, env, device)
     accum = grad_accum_steps(cfg, env.world_size)
     task = build_task(cfg, engine, accum)
+    probes = Probes(task.units)
+    init = _full(engine, task, ema=False)
+    init_ema = _full(engine, task, ema=True)
+    _break(engine, task, opts, env)
+    ckpt_dir = out / f"ckpt_{opts.get('tag', index)}"
+    start = 0
+    if "resume" in opts:
+        mgr = CheckpointManager(out / f"ckpt_{opts['resume']}", engine)
+        start, _, _ = mgr.load(mgr.latest(), task.units)
+    stop = int(opts.get("save", STEPS))
+    grads: dict = {}
+    if env.world_size == 1:
+        real_step = engine.step
+
+        def step(unit):  # each tensor's gradient norm at step 0, before clipping
+            if not grads.get(unit.name):
+                grads[unit.name] = {n: float(p.grad.norm()) for n, p in unit.raw.named_parameters()
+                                    if p.grad is not None}
+            return real_step(unit)
+
+        engine.step = step
     history = []
-    for step in range(STEPS):
+    for step in range(start, stop):
         gb = global_batch(stage, step, cfg)
-        per_rank = GLOBAL_BATCH // env.world_size
-        local = {k: v[env.rank * per_rank:(env.rank + 1) * per_rank] for k, v in gb.items()}
-        micro_batches = [{k: v[i * micro:(i + 1) * micro] for k, v in local.items()} for i in range(accum)]
+        # Micro-step i of every rank together is the same slice of the global batch at every world
+        # size, so per-micro-step statistics (the VQGAN's adaptive weight) match one process.
+        chunk = GLOBAL_BATCH // accum
+        micro = chunk // env.world_size
+        micro_batches = [{k: v[i * chunk + env.rank * micro:i * chunk + (env.rank + 1) * micro] for k, v in gb.items()}
+                         for i in range(accum)]
         stats = task.train_step(micro_batches, step)
-        history.append({k: float(v) for k, v in stats.items()})
-    params = {}
-    for name, unit in task.units.items():
-        sd = engine.full_state_dict(unit, ema=bool(unit.ema))
-        params[name] = {k: [float(v.double().sum()), float(v.double().abs().sum())] for k, v in sd.items()
-                        if v.is_floating_point()}
-    return {"history": history, "params": params}
+        history.append({"step": step, **{k: float(v) for k, v in stats.items()}})
+    if "save" in opts:
+        CheckpointManager(ckpt_dir, engine).save(stop, task.units, {}, {})
+    final = _full(engine, task, ema=False)
+    spread = _replica_spread(engine, final, env)
+    updates = {u: {k: final[u][k] - init[u][k] for k in final[u]} for u in final}
+    # The resolution of the stored fp32 weights: each of the in-place updates rounds a weight to
+    # its float32 spacing (<= eps * |theta|), so two runs' updates are known to about steps x that
+    # per element, whatever the engine.
+    spacing = torch.finfo(torch.float32).eps * len(history)
+    resolution = {u: {k: float((final[u][k].abs() * spacing).norm()) for k in final[u]} for u in final}
+    result = {"history": history, "probes": probes.report(), "replica_spread": spread,
+              "lr": {n: engine.lr(u) for n, u in task.units.items()}}
+    if any(u.ema for u in task.units.values()):
+        final_ema = _full(engine, task, ema=True)
+        updates_ema = {u: {k: final_ema[u][k] - init_ema[u][k] for k in final_ema[u]} for u in final_ema}
+    else:
+        updates_ema = {}
+    if env.rank == 0:
+        torch.save({"updates": updates, "ema": updates_ema, "grads": grads, "resolution": resolution},
+                   out / f"{index}.pt")
+    return result
 
 
 def main() -> None:
-    out, specs = sys.argv[1], sys.argv[2:]
+    out, specs = Path(sys.argv[1]), sys.argv[2:]
     env = env_from_environ()
     device = init_distributed(env)
-    results = {spec: run_spec(spec, env, device) for spec in specs}
+    results = {spec: {"index": i, **run_spec(i, spec, out, env, device)} for i, spec in enumerate(specs)}
     if env.rank == 0:
-        with open(out, "w") as f:
-            json.dump(results, f)
+        (out / "results.json").write_text(json.dumps(results))
     if env.is_distributed:
         import torch.distributed as dist
 

@@ -31,7 +31,7 @@ def check_run(run_dir: Path) -> list:
     """The run finished, its latest checkpoint is the last step and holds one ZeRO shard per rank;
     returns the logged (step, loss) pairs."""
     ckpt = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
-    assert ckpt.name.endswith(f"{STEPS:06d}") and (ckpt / "meta.pt").exists(), ckpt
+    assert ckpt.name.endswith(f"{STEPS:06d}") and (ckpt / "manifest.json").exists(), ckpt
     shards = sorted(p.name for p in ckpt.rglob("*optim_states.pt"))
     assert len(shards) == 4, shards  # 2 units (generator, discriminator) x 2 ranks
     assert {"rank_0", "rank_1"} <= {s.split("pp_")[1].rsplit("_mp", 1)[0] for s in shards}

@@ -76,7 +76,7 @@ import torch, sys
 sys.path.insert(0, {str(REPO / 'tests' / 'distributed')!r})
 from harness import make_cfg
 from taming_dist.models.transformer import Transformer
-from taming_dist.checkpoint.pretrained import save_model_folder
+from taming_dist.weights.folder import save_model_folder
 cfg = make_cfg('transformer', 'single', 2, 'fp32', False, 8)
 torch.manual_seed(123)
 m = Transformer(cfg.transformer)

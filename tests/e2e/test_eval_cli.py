@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from taming_dist.cli import main
-from taming_dist.checkpoint.pretrained import save_model_folder
+from taming_dist.weights.folder import save_model_folder
 from taming_dist.config import load_config
 from taming_dist.data.shards import MANIFEST, SHARD_NAME, write_manifest, write_tar
 from taming_dist.data.synthetic import generate

@@ -58,15 +58,15 @@ def test_exact_resume(tmp_path, name):
 
 KILLER = textwrap.dedent("""
     import os, signal, sys
-    from taming_dist.engines.single import SingleEngine
-    real_save = SingleEngine.save
+    import torch.distributed.checkpoint as dcp
+    real_save = dcp.save
     calls = []
-    def save(self, path, units):
-        calls.append(path)
-        real_save(self, path, units)
-        if len(calls) == 2:   # second checkpoint: model files written, meta.pt not yet
+    def save(state, checkpoint_id):
+        calls.append(checkpoint_id)
+        real_save(state, checkpoint_id=checkpoint_id)
+        if len(calls) == 2:   # second checkpoint: the DCP state written, manifest.json not yet
             os.kill(os.getpid(), signal.SIGKILL)
-    SingleEngine.save = save
+    dcp.save = save
     from taming_dist.cli import main
     sys.exit(main(sys.argv[1:]))
 """)

@@ -46,7 +46,7 @@ def messages(run_dir: Path) -> list[str]:
 
 def latest_checkpoint_step(run_dir: Path) -> int:
     name = (run_dir / "checkpoints" / "latest").read_text().strip()
-    assert (run_dir / "checkpoints" / name / "meta.pt").exists(), name
+    assert (run_dir / "checkpoints" / name / "manifest.json").exists(), name
     return int(re.search(r"\d+", name).group())
 
 

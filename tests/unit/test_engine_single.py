@@ -21,13 +21,13 @@ def _unit(engine, ema=0.0, clip=0.0):
     return engine.setup(m, name="m", optim=oc, lr=oc.lr, lr_lambda=lr_lambda_for(oc, 10), ema_decay=ema)
 
 
-def _train(engine, unit, steps, clip=0.0):
+def _train(engine, unit, steps):
     out = []
     for i in range(steps):
         x = torch.randn(16, 4, generator=torch.Generator().manual_seed(i))
         loss = unit.module(x).pow(2).mean()
         engine.backward(unit, loss)
-        out.append(engine.step(unit, clip))
+        out.append(engine.step(unit))
     return out
 
 
@@ -50,7 +50,7 @@ def test_weight_decay_groups_skip_norms_and_biases():
 
 def test_clipping_uses_global_norm():
     e = _engine()
-    u = _unit(e)
+    u = _unit(e, clip=1.0)  # fixed at setup, for every step
     e.backward(u, u.module(torch.randn(16, 4) * 100).pow(2).mean())
     norm = float(e.grad_norm(u))
     assert norm > 1.0
@@ -59,7 +59,7 @@ def test_clipping_uses_global_norm():
     real_step = u.optimizer.step
     u.optimizer.step = lambda: seen.extend(p.grad.clone() for p in u.raw.parameters())
     try:
-        stats = e.step(u, grad_clip=1.0)
+        stats = e.step(u)
     finally:
         u.optimizer.step = real_step
     assert stats["grad_norm"] == pytest.approx(norm)
@@ -111,8 +111,9 @@ def test_checkpoint_roundtrip_and_keep_last(tmp_path):
     ref = _train(e, u, 2)
     e2 = _engine()
     u2 = _unit(e2, ema=0.9)
-    meta, extra = CheckpointManager(tmp_path / "ck", e2).load(path, {"m": u2})
-    assert meta["step"] == 4 and meta["note"] == 1 and extra["data"]["batches"] == 4
+    step, counters, extra = CheckpointManager(tmp_path / "ck", e2).load(path, {"m": u2})
+    assert step == 4 and counters["note"] == 1 and extra["data"]["batches"] == 4
+    assert u2.scheduler.last_epoch == u.scheduler.last_epoch - 2  # the LR schedule came back too
     assert torch.equal(torch.rand(3), rng_next)  # RNG restored
     for n, p in u2.raw.named_parameters():
         assert torch.equal(p, state[n]) and torch.equal(u2.ema[n], ema[n])
@@ -126,3 +127,39 @@ def test_incomplete_pointer_target_is_reported(tmp_path):
     (tmp_path / "ck" / "latest").write_text("step_000001")
     with pytest.raises(ValueError, match="not a complete checkpoint"):
         CheckpointManager(tmp_path / "ck", e).latest()
+
+
+def test_accumulate_divides_and_matches_one_batch():
+    """Engine.accumulate: 4 micro-batches of 4 give the gradient of one batch of 16."""
+    e = _engine()
+    u = _unit(e)
+    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(3))
+    for mb in e.accumulate(u, list(x.split(4))):
+        e.backward(u, u.module(mb).pow(2).mean())
+    acc = [p.grad.clone() for p in u.raw.parameters()]
+    assert u.micro_steps == 1 and u.last_micro_step  # reset after the loop
+    u.optimizer.zero_grad()
+    e.backward(u, u.module(x).pow(2).mean())
+    for a, p in zip(acc, u.raw.parameters()):
+        torch.testing.assert_close(a, p.grad)
+
+
+def test_one_checkpoint_folder_of_stateful_parts(tmp_path):
+    import json
+
+    e = _engine()
+    u = _unit(e, ema=0.9)
+    _train(e, u, 1)
+    path = CheckpointManager(tmp_path / "ck", e).save(1, {"m": u}, {}, {})
+    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "state"]
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["version"] == 2 and manifest["engine"] == "single" and manifest["units"] == ["m"]
+
+
+def test_old_format_checkpoint_is_refused_with_its_version(tmp_path):
+    old = tmp_path / "ck" / "step_000002"
+    (old / "dcp").mkdir(parents=True)
+    torch.save({"step": 2, "engine": "single", "world_size": 1}, old / "meta.pt")
+    e = _engine()
+    with pytest.raises(ValueError, match="format version 1.*taming-dist convert"):
+        CheckpointManager(tmp_path / "ck", e).load(old, {"m": _unit(e)})

@@ -79,25 +79,87 @@ def test_discriminator_terms():
         assert float(d) == pytest.approx(float(logistic))
 
 
-def test_generator_loss_sums_the_terms():
-    loss = _loss(codebook_weight=0.5, disc_factor=0.8)
-    nll, q, g = torch.tensor(1.5), torch.tensor([2.0, 4.0]), torch.tensor(-3.0)
-    total, logs = loss.generator_loss(nll, q, g, torch.tensor(0.25), step=0)
-    assert float(total) == pytest.approx(1.5 + 0.25 * 0.8 * -3.0 + 0.5 * 3.0)
-    assert {k: round(float(v), 6) for k, v in logs.items()} == {
-        "loss": round(float(total), 6), "nll": 1.5, "quant_loss": 3.0, "g_loss": -3.0, "d_weight": 0.25,
+def _objective(loss, nll_value, q, g_value, step, d_weight=None):
+    """generator_objective on a reconstruction whose nll and GAN term are chosen by hand: rec is a
+    (1,1,1,1) tensor, x = rec - nll_value / pixel_weight, the discriminator returns -g_value."""
+    rec = torch.zeros(1, 1, 1, 1)
+    x = rec - nll_value / loss.cfg.pixel_weight
+    return loss.generator_objective(x, rec, q, step, disc_fn=lambda r: r * 0 - g_value + 0 * r)
+
+
+def test_generator_objective_sums_the_terms():
+    loss = _loss(codebook_weight=0.5, disc_factor=0.8, adaptive_weight=False, disc_weight=0.25)
+    obj = _objective(loss, 1.5, torch.tensor([2.0, 4.0]), 3.0, step=0)
+    assert float(obj.loss) == pytest.approx(1.5 + 0.25 * 0.8 * 3.0 + 0.5 * 3.0)
+    assert {k: round(float(v), 6) for k, v in obj.logs.items() if k != "l1"} == {
+        "loss": round(float(obj.loss), 6), "nll": 1.5, "quant_loss": 3.0, "g_loss": 3.0, "d_weight": 0.25,
         "disc_factor": 0.8}
-    assert all(not v.requires_grad for v in logs.values())
+    assert all(not v.requires_grad for v in obj.logs.values())
 
 
 def test_disc_start_gates_the_gan_terms():
-    loss = _loss(disc_start=10, disc_factor=1.0, codebook_weight=1.0)
+    loss = _loss(disc_start=10, disc_factor=1.0, codebook_weight=1.0, adaptive_weight=False, disc_weight=0.5)
     assert loss.disc_factor(9) == 0.0 and loss.disc_factor(10) == 1.0 and loss.disc_factor(11) == 1.0
-    nll, q, g = torch.tensor(1.0), torch.tensor(2.0), torch.tensor(3.0)
-    assert float(loss.generator_loss(nll, q, g, 0.5, step=9)[0]) == pytest.approx(3.0)
-    assert float(loss.generator_loss(nll, q, g, 0.5, step=10)[0]) == pytest.approx(4.5)
+    q = torch.tensor(2.0)
+    assert float(_objective(loss, 1.0, q, 3.0, step=9).loss) == pytest.approx(3.0)
+    assert float(_objective(loss, 1.0, q, 3.0, step=10).loss) == pytest.approx(4.5)
     assert float(loss.discriminator_loss(torch.zeros(2), torch.zeros(2), step=9)[0]) == 0.0
     assert float(loss.discriminator_loss(torch.zeros(2), torch.zeros(2), step=10)[0]) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("adaptive", [True, False])
+def test_surrogate_gradient_equals_autograd_of_the_true_generator_loss(adaptive):
+    """The single backward of `surrogate(xrec)` (what every engine trains with) gives each generator
+    parameter the gradient of nll + d_weight * disc_factor * g_loss + codebook_weight * qloss computed
+    directly by autograd, with d_weight from autograd w.r.t. the decoder's last weight (taming's
+    calculate_adaptive_weight)."""
+    from taming_dist.config import DiscriminatorConfig, load_config
+    from taming_dist.models.discriminator import NLayerDiscriminator
+    from taming_dist.models.vqgan import VQModel
+
+    cfg = load_config("vqgan-tiny", ["vqgan.ddconfig.ch=32", "vqgan.ddconfig.ch_mult=[1,1]",
+                                     "vqgan.ddconfig.resolution=16", "vqgan.ddconfig.attn_resolutions=[8]"])
+    torch.manual_seed(0)
+    model = VQModel(cfg.vqgan).double()  # double: the comparison is of formulas, not of rounding
+    disc = NLayerDiscriminator(DiscriminatorConfig(n_layers=2, norm="none")).double()
+    loss = _loss(perceptual_weight=0.0, pixel_weight=1.3, codebook_weight=0.7, disc_factor=0.6,
+                 disc_weight=0.9, adaptive_weight=adaptive).double()
+    x = torch.rand(4, 3, 16, 16, dtype=torch.float64) * 2 - 1
+    captured = {}
+    model.decoder.conv_out.register_forward_hook(lambda m, i, o: captured.update(h=i[0]))
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    # the true loss, by autograd
+    xrec, qloss, _ = model(x)
+    nll = loss.cfg.pixel_weight * (x - xrec).abs().mean()
+    g = -disc(xrec).mean()
+    last = model.get_last_layer()
+    if adaptive:
+        gn = torch.autograd.grad(nll, last, retain_graph=True)[0]
+        gg = torch.autograd.grad(g, last, retain_graph=True)[0]
+        d_weight = torch.clamp(gn.norm() / (gg.norm() + 1e-4), 0.0, 1e4).detach() * 0.9
+    else:
+        d_weight = 0.9
+    true = nll + d_weight * 0.6 * g + 0.7 * qloss.mean()
+    want = torch.autograd.grad(true, params, allow_unused=True)
+
+    # the objective's single backward
+    xrec, qloss, _ = model(x)
+    h = captured["h"].detach()
+    lastgrad = lambda go: torch.nn.grad.conv2d_weight(h, last.shape, go, stride=1, padding=1)  # noqa: E731
+    for p in disc.parameters():
+        p.requires_grad_(False)
+    obj = loss.generator_objective(x, xrec, qloss, step=0, disc_fn=disc, last_layer_grad=lastgrad)
+    got = torch.autograd.grad(obj.surrogate(xrec), params, allow_unused=True)
+    assert float(obj.loss) == pytest.approx(float(true), rel=1e-9)
+    assert float(obj.logs["d_weight"]) == pytest.approx(float(d_weight), rel=1e-9)
+    scale = max(float(w.abs().max()) for w in want if w is not None)
+    for p, w, g_ in zip(params, want, got):
+        if w is None:
+            assert g_ is None or float(g_.abs().max()) == 0.0
+            continue
+        # atol: biases that GroupNorm cancels have analytically zero gradients (float64 noise ~1e-17)
+        torch.testing.assert_close(g_, w, rtol=1e-6, atol=1e-12 * scale)
 
 
 def test_adaptive_weight_equals_the_original_autograd_formula():
@@ -128,8 +190,10 @@ def test_reductions_are_fp32_under_bf16_autocast(lpips_loss):
         nll, logs = lpips_loss.reconstruction_loss(x, (x * 0.9).bfloat16())
         g = lpips_loss.generator_adv_loss(torch.randn(4).bfloat16())
         d, dlogs = lpips_loss.discriminator_loss(torch.randn(4).bfloat16(), torch.randn(4).bfloat16(), step=0)
-        total, glogs = lpips_loss.generator_loss(nll, torch.tensor(0.1).bfloat16(), g, torch.tensor(1.0), step=0)
-    for t in (nll, logs["lpips"], g, d, dlogs["logits_real"], total, glogs["quant_loss"]):
+        obj = lpips_loss.generator_objective(x, (x * 0.9).bfloat16(), torch.tensor(0.1).bfloat16(), step=0,
+                                             disc_fn=lambda r: -r.mean(), last_layer_grad=lambda go: go)
+    total, glogs = obj.loss, obj.logs
+    for t in (nll, logs["lpips"], g, d, dlogs["logits_real"], total, glogs["quant_loss"], obj.grad_rec):
         assert t.dtype == torch.float32
     assert float(nll) == pytest.approx(float(lpips_loss.reconstruction_loss(x, (x * 0.9).bfloat16().float())[0]),
                                        rel=0.05)

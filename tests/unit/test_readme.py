@@ -4,7 +4,7 @@ from pathlib import Path
 
 import torch
 
-from taming_dist.checkpoint.pretrained import save_model_folder
+from taming_dist.weights.folder import save_model_folder
 from taming_dist.config import load_config
 from taming_dist.models.transformer import Transformer
 

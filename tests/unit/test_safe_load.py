@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 
-from taming_dist.checkpoint.safe_load import safe_load
+from taming_dist.weights.safe_load import safe_load
 
 LEGACY = {"_use_new_zipfile_serialization": False}  # the pre-1.6 torch format, which cannot be pre-scanned
 

@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from taming_dist.checkpoint.pretrained import build_model_from_folder
-from taming_dist.checkpoint.safe_load import safe_load
+from taming_dist.weights.safe_load import safe_load
 from taming_dist.checkpoint.taming_import import import_taming_checkpoint, save_import
 from taming_dist.cli import main
 from taming_dist.config import (
@@ -289,7 +289,7 @@ def test_model_folder_format(tmp_path):
     import dataclasses
     import json
 
-    from taming_dist.checkpoint.pretrained import load_model_folder, save_model_folder
+    from taming_dist.weights.folder import load_model_folder, save_model_folder
 
     cfg = our_vq()
     sd = dict(VQModel(cfg).state_dict())

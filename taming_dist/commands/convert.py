@@ -15,10 +15,12 @@ def run(args) -> int:
     from safetensors.torch import save_file
 
     from taming_dist.checkpoint.convert import consolidate
+    from taming_dist.weights.folder import safetensors_state
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)
     units = consolidate(args.checkpoint, ema=args.ema, dtype=dtype)
-    flat = {f"{u}.{k}": v.contiguous().clone() for u, sd in units.items() for k, v in sd.items()}
+    # Copies only where tensors share storage (safetensors refuses that), not the whole model again.
+    flat = safetensors_state({f"{u}.{k}": v for u, sd in units.items() for k, v in sd.items()})
     save_file(flat, args.out)
     counts = ", ".join(f"{u}: {len(sd)} tensors" for u, sd in units.items())
     print(f"wrote {args.out} ({counts})")

@@ -1,6 +1,4 @@
-# Exit status when a stop signal (SIGUSR1/SIGUSR2/SIGTERM, e.g. SLURM's warning before the time
-# limit) made every rank checkpoint and stop early: launchers requeue the job on it (EX_TEMPFAIL).
-EXIT_STOPPED = 75
+from taming_dist.train import EXIT_STOPPED
 
 HELP = "train a VQGAN or a transformer (the engine and stage come from the config)"
 EXAMPLE = ("taming-dist train vqgan-tiny train.steps=100 engine.kind=ddp  "

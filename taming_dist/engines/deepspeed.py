@@ -29,7 +29,7 @@ def init_deepspeed_comm(env, device: torch.device) -> None:
     ensure_process_group(device)
     if device.type == "cpu":
         # On CPU DeepSpeed JIT-compiles a shared-memory all-reduce op at init (~50 s, see
-        # shared/notes/platform-facts.md); gloo's all-reduce is used without it.
+        # docs/platform-notes.md); gloo's all-reduce is used without it.
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
     import deepspeed

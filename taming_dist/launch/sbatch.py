@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from taming_dist.commands.train import EXIT_STOPPED
+from taming_dist.train import EXIT_STOPPED
 
 # sbatch options the launchers set themselves: passing them as extras would break rank layout,
 # logging or the stop-and-requeue contract.

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 # Nothing here imports torch at module level: submitit unpickles the job (importing this module)
 # before it installs any signal handler, and a stop signal in that window kills the task outright.
 from taming_dist.launch.sbatch import SlurmResources
-from taming_dist.commands.train import EXIT_STOPPED
+from taming_dist.train import EXIT_STOPPED
 
 # The signals on which the training loop checkpoints and stops.
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)

@@ -1,6 +1,6 @@
 """minGPT as used by taming's Net2NetTransformer (Karpathy's minGPT, CompVis fork), with a KV cache
 and optional cross-attention. Parameter names match original checkpoints
-(shared/spec/layouts/net2net_drin.txt, `transformer.*`), except that the causal mask is rebuilt
+(tests/data/layouts/net2net_drin.txt, `transformer.*`), except that the causal mask is rebuilt
 from `block_size` instead of stored: a stored `attn.mask` buffer is accepted and dropped on load.
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 `cat(cond_tokens, image_tokens)`, where the image tokens are the codes of a frozen VQModel.
 
 Attribute names (`first_stage_model`, `cond_stage_model`, `transformer`) match the original so a
-full state_dict keeps its key prefixes (shared/spec/layouts/net2net_drin.txt).
+full state_dict keeps its key prefixes (tests/data/layouts/net2net_drin.txt).
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """VQModel: the VQGAN tokenizer (Esser et al. 2021), taming's `VQModel`/`GumbelVQ` without the
-training glue. Keys match original checkpoints (shared/spec/layouts/)."""
+training glue. Keys match original checkpoints (docs/taming-compat.md; layouts in tests/data/layouts/)."""
 from __future__ import annotations
 
 import math

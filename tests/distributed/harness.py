@@ -78,6 +78,9 @@ class Probes:
     def __init__(self, units):
         from torch._dynamo.utils import counters
 
+        # A fresh dynamo per spec: graphs cached by an earlier spec in this process would
+        # otherwise serve this one, and the count would say nothing about this engine.
+        torch._dynamo.reset()
         self.graphs_before = int(counters["stats"]["unique_graphs"])
         self.block_forwards = 0
         self.conv_inputs = [0, 0]  # [channels_last, total]

@@ -68,7 +68,9 @@ def test_taming_format_reimports_identically(tmp_path):
 def test_init_from_export_into_fsdp_and_zero3_matches_single(tmp_path):
     """A transformer exported as a model folder starts FSDP2 and ZeRO-3 runs at the same loss as one process."""
     harness = str(REPO / "tests" / "distributed" / "harness.py")
-    run([harness, str(tmp_path / "a.json"), "transformer:single:2:fp32"])
+    for d in ("a", "one", "two"):
+        (tmp_path / d).mkdir()
+    run([harness, str(tmp_path / "a"), "transformer:single:2:fp32"])
     src = tmp_path / "src"
     # a transformer model folder with weights no run starts from
     run(["-c", f"""
@@ -85,11 +87,11 @@ for p in m.transformer.parameters():
 save_model_folder({str(src)!r}, 'transformer', cfg.transformer, m.state_dict())
 """])
     spec = f"transformer:{{}}:fp32:noac:init_from={src}"
-    run([harness, str(tmp_path / "one.json"), spec.format("single:2")])
-    run([harness, str(tmp_path / "two.json"), spec.format("fsdp:2"), spec.format("deepspeed:3")], nproc=2)
-    fresh = json.loads((tmp_path / "a.json").read_text())["transformer:single:2:fp32"]["history"][0]["loss"]
-    one = json.loads((tmp_path / "one.json").read_text())[spec.format("single:2")]["history"][0]["loss"]
-    two = json.loads((tmp_path / "two.json").read_text())
+    run([harness, str(tmp_path / "one"), spec.format("single:2")])
+    run([harness, str(tmp_path / "two"), spec.format("fsdp:2"), spec.format("deepspeed:3")], nproc=2)
+    fresh = json.loads((tmp_path / "a" / "results.json").read_text())["transformer:single:2:fp32"]["history"][0]["loss"]
+    one = json.loads((tmp_path / "one" / "results.json").read_text())[spec.format("single:2")]["history"][0]["loss"]
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
     assert abs(one - fresh) > 1e-3  # the weights really came from the folder
     for engine in ("fsdp:2", "deepspeed:3"):
         got = two[spec.format(engine)]["history"][0]["loss"]

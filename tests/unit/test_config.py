@@ -100,3 +100,12 @@ def test_from_dict_nested_optional():
 
 def test_apply_overrides_creates_nested():
     assert apply_overrides({}, ["a.b.c=1"]) == {"a": {"b": {"c": 1}}}
+
+
+@pytest.mark.parametrize("engine", ["fsdp", "deepspeed"])
+def test_actnorm_discriminator_is_refused_where_its_init_would_be_lost(engine):
+    # ActNorm writes its data-dependent init into parameters inside forward; sharded / fp32-master
+    # engines would silently drop it. DDP and one process keep it (equivalence-tested on DDP).
+    with pytest.raises(ValueError, match=f"actnorm.*engine.kind={engine}.*norm=batch or none"):
+        load_config("vqgan-tiny", [f"engine.kind={engine}", "loss.discriminator.norm=actnorm"])
+    load_config("vqgan-tiny", ["engine.kind=ddp", "loss.discriminator.norm=actnorm"])

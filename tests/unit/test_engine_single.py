@@ -163,3 +163,40 @@ def test_old_format_checkpoint_is_refused_with_its_version(tmp_path):
     e = _engine()
     with pytest.raises(ValueError, match="format version 1.*taming-dist convert"):
         CheckpointManager(tmp_path / "ck", e).load(old, {"m": _unit(e)})
+
+
+def test_convert_still_reads_format_version_1(tmp_path):
+    """Checkpoints written before format 2 (meta.pt + dcp/ holding {unit: {model, optim, ema}}) are
+    refused for resuming but their weights stay readable by `convert`."""
+    import torch.distributed.checkpoint as dcp
+
+    from taming_dist.checkpoint.convert import consolidate
+
+    e = _engine()
+    u = _unit(e, ema=0.5)
+    _train(e, u, 1)
+    old = tmp_path / "step_000001"
+    state = {"m": {"model": dict(u.raw.state_dict()), "optim": {}, "ema": dict(u.ema)}}
+    dcp.save(state, checkpoint_id=str(old / "dcp"))
+    torch.save({"step": 1, "engine": "single", "world_size": 1, "schedulers": {"m": {}}}, old / "meta.pt")
+    raw, ema = consolidate(old)["m"], consolidate(old, ema=True)["m"]
+    for k, p in u.raw.state_dict().items():
+        assert torch.equal(raw[k], p) and torch.equal(ema[k], u.ema[k])
+
+
+def test_convert_reads_only_model_and_ema_tensors(tmp_path, monkeypatch):
+    import torch.distributed.checkpoint as dcp
+
+    from taming_dist.checkpoint import convert
+
+    e = _engine()
+    u = _unit(e, ema=0.5)
+    _train(e, u, 1)
+    path = CheckpointManager(tmp_path / "ck", e).save(1, {"m": u}, {}, {})
+    requested = []
+    real_load = dcp.load
+    monkeypatch.setattr(dcp, "load", lambda sd, **kw: (requested.extend(sd), real_load(sd, **kw))[1])
+    out = convert.consolidate(path, ema=True)["m"]
+    assert requested and all(k.startswith(("m.model.", "m.ema.")) for k in requested), requested
+    for k, v in u.ema.items():
+        assert torch.equal(out[k], v)

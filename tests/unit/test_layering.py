@@ -1,9 +1,10 @@
-"""STYLE.md principle 1: model and loss code is single-device PyTorch."""
+"""The package's layering (README, Architecture): single-device model and loss code, no import
+cycles between sub-packages, and only engine code touching wrapper internals."""
 import ast
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[2] / "taming_dist"
-FORBIDDEN = ("torch.distributed", "deepspeed", "taming_dist.engines", "taming_dist.train", "taming_dist.tasks")
+DISTRIBUTED = ("torch.distributed", "deepspeed", "taming_dist.engines", "taming_dist.train", "taming_dist.tasks")
 
 
 def _imports(path: Path):
@@ -15,15 +16,89 @@ def _imports(path: Path):
             yield node.module
 
 
+def _files(*subpackages):
+    return [f for sub in subpackages for f in (PKG / sub).glob("*.py")]
+
+
+def _bad(files, forbidden):
+    return [(f"{f.parent.name}/{f.name}", m) for f in files for m in _imports(f) if m.startswith(forbidden)]
+
+
+def package_graph() -> dict[str, set[str]]:
+    """Sub-package -> the sub-packages it imports (module-level and lazy imports alike)."""
+    edges: dict[str, set[str]] = {}
+    for f in PKG.rglob("*.py"):
+        rel = f.relative_to(PKG).parts
+        src = rel[0] if len(rel) > 1 else rel[0][:-3]
+        for m in _imports(f):
+            if m.startswith("taming_dist."):
+                dst = m.split(".")[1]
+                if dst != src:
+                    edges.setdefault(src, set()).add(dst)
+    return edges
+
+
+def find_cycle(edges: dict[str, set[str]]):
+    state: dict[str, int] = {}
+
+    def visit(node, path):
+        state[node] = 1
+        for nxt in sorted(edges.get(node, ())):
+            if state.get(nxt) == 1:
+                return path + [node, nxt]
+            if nxt not in state:
+                found = visit(nxt, path + [node])
+                if found:
+                    return found
+        state[node] = 2
+        return None
+
+    for n in sorted(edges):
+        if n not in state:
+            found = visit(n, [])
+            if found:
+                return found
+    return None
+
+
 def test_models_and_losses_never_import_distributed_code():
-    files = list((PKG / "models").glob("*.py")) + list((PKG / "losses").glob("*.py"))
+    files = _files("models", "losses")
     assert len(files) >= 6
-    bad = [(f.name, m) for f in files for m in _imports(f) if m.startswith(FORBIDDEN)]
+    bad = _bad(files, DISTRIBUTED)
     assert not bad, f"single-device code imports distributed modules: {bad}"
+
+
+def test_models_and_losses_never_import_checkpoint_code():
+    # from_pretrained and LPIPS's safe loading go through the leaf package taming_dist/weights
+    bad = _bad(_files("models", "losses"), ("taming_dist.checkpoint",))
+    assert not bad, bad
+
+
+def test_tasks_and_checkpoint_do_not_import_each_other():
+    assert not _bad(_files("tasks"), ("taming_dist.checkpoint",))
+    assert not _bad(_files("checkpoint"), ("taming_dist.tasks",))
+
+
+def test_weights_is_a_leaf():
+    files = _files("weights")
+    assert files
+    bad = [(f.name, m) for f in files for m in _imports(f) if m.startswith("taming_dist.")
+           and not m.startswith(("taming_dist.config", "taming_dist.weights"))]
+    assert not bad, bad
+
+
+def test_no_import_cycles_between_subpackages():
+    assert find_cycle(package_graph()) is None, find_cycle(package_graph())
+
+
+def test_the_cycle_check_can_fail():
+    assert find_cycle({"models": {"checkpoint"}, "checkpoint": {"models"}}) == ["checkpoint", "models", "checkpoint"]
+    assert find_cycle({"a": {"b"}, "b": {"c"}}) is None
 
 
 def test_tasks_never_touch_wrapper_internals():
     for f in (PKG / "tasks").glob("*.py"):
         text = f.read_text()
-        for needle in ("deepspeed", "DistributedDataParallel", "fully_shard", "ds_tensor", "to_local"):
-            assert needle not in text, f"{f.name} mentions {needle}: only engine code may"
+        for needle in ("deepspeed", "DistributedDataParallel", "fully_shard", "ds_tensor", "to_local", "no_sync",
+                       "isinstance"):
+            assert needle not in text, f"{f.name} mentions {needle}: only engine code may (blocks come from the model)"

@@ -65,7 +65,8 @@ class RunLogger:
             frac = step / max(1, self.total)
             bar = "#" * int(20 * frac) + "-" * (20 - int(20 * frac))
             shown = " ".join(f"{k}={v:.4g}" for k, v in clean.items() if k.split("/")[-1] in _SHOWN)
-            print(f"[{bar}] step {step}/{self.total} {shown}", file=sys.stderr, flush=True)
+            eta = f" eta {_duration(clean['eta_s'])}" if "eta_s" in clean else ""
+            print(f"[{bar}] step {step}/{self.total}{eta} {shown}", file=sys.stderr, flush=True)
 
     def image(self, step: int, key: str, path: Path) -> None:
         if not self.is_main or isinstance(self.run, _NullRun):
@@ -86,4 +87,10 @@ class RunLogger:
             self.log_file.close()
 
 
-_SHOWN = {"loss", "g_loss", "d_loss", "nll", "lr", "images_per_s", "tokens_per_s", "perplexity", "grad_norm"}
+_SHOWN = {"loss", "g_loss", "d_loss", "nll", "lr", "images_per_s", "tokens_per_s", "perplexity", "grad_norm", "mfu",
+          "data_wait_frac", "peak_mem_gib"}
+
+
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"

@@ -227,8 +227,19 @@ class EngineConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16
     activation_checkpointing: bool = False
     compile: bool = False
-    compile_backend: str = "inductor"  # torch.compile backend; aot_eager compiles the graphs without codegen
+    compile_backend: str = "inductor"  # torch.compile backend; eager or aot_eager capture the graphs without codegen
     channels_last: bool = False
+    # FSDP2: ranks per shard group. 0 = all ranks (full sharding); e.g. 8 = shard within a node of 8
+    # GPUs and replicate across nodes (hybrid sharding, HSDP), so parameter all-gathers stay on NVLink.
+    fsdp_shard_size: int = 0
+    # DeepSpeed: ZeRO-Offload of the optimizer state + step (ZeRO-2/3) and of the parameters (ZeRO-3)
+    offload_optimizer: str = "none"  # none | cpu
+    offload_params: str = "none"  # none | cpu
+    deepspeed_config: str = ""  # a DeepSpeed JSON merged over the generated config (its keys win)
+    # CUDA only: TF32 tensor cores for fp32 matmuls/convolutions, and cuDNN's autotuner (the conv
+    # stage's input shapes are fixed, so tuning once pays off)
+    tf32: bool = True
+    cudnn_benchmark: bool = True
 
     def validate(self) -> None:
         if self.kind not in ("single", "ddp", "fsdp", "deepspeed"):
@@ -237,6 +248,21 @@ class EngineConfig:
             raise ValueError(f"engine.zero_stage {self.zero_stage} is not one of 1, 2, 3")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"engine.precision {self.precision!r} is not one of fp32, bf16, fp16")
+        if self.fsdp_shard_size < 0:
+            raise ValueError(f"engine.fsdp_shard_size {self.fsdp_shard_size} must be >= 0 (0 = shard over all ranks)")
+        for key in ("offload_optimizer", "offload_params"):
+            if getattr(self, key) not in ("none", "cpu"):
+                raise ValueError(f"engine.{key} {getattr(self, key)!r} is not one of none, cpu")
+        if self.kind != "deepspeed" and (self.offload_optimizer != "none" or self.offload_params != "none"
+                                         or self.deepspeed_config):
+            raise ValueError(f"engine.offload_optimizer / offload_params / deepspeed_config are DeepSpeed settings; "
+                             f"engine.kind is {self.kind}")
+        if self.kind == "deepspeed" and self.offload_optimizer != "none" and self.zero_stage == 1:
+            raise ValueError("engine.offload_optimizer=cpu needs engine.zero_stage 2 or 3 (ZeRO-Offload)")
+        if self.kind == "deepspeed" and self.offload_params != "none" and self.zero_stage != 3:
+            raise ValueError("engine.offload_params=cpu needs engine.zero_stage=3 (parameters are only partitioned there)")
+        if self.fsdp_shard_size and self.kind != "fsdp":
+            raise ValueError(f"engine.fsdp_shard_size is an FSDP2 setting; engine.kind is {self.kind}")
 
 
 @dataclass

@@ -59,8 +59,11 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(module: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
-    # A plain torch AdamW: DeepSpeed accepts it, and no fused op has to be JIT-compiled on CPU.
-    return torch.optim.AdamW(param_groups(module, cfg.weight_decay), lr=lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    """torch AdamW; the fused CUDA kernel (one launch for all tensors) when the parameters are on a
+    GPU, the plain implementation on CPU (no op to compile, and what DeepSpeed accepts there)."""
+    on_cuda = any(p.is_cuda for p in module.parameters())
+    return torch.optim.AdamW(param_groups(module, cfg.weight_decay), lr=lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                             fused=on_cuda or None)
 
 
 class Engine:
@@ -83,6 +86,17 @@ class Engine:
                 "engine.precision=fp16 needs a CUDA device (fp16 loss scaling is not supported on CPU); "
                 "use engine.precision=bf16 or fp32 here"
             )
+        if device.type == "cuda":
+            self.set_cuda_math(cfg)
+
+    @staticmethod
+    def set_cuda_math(cfg: EngineConfig) -> None:
+        """engine.tf32: fp32 matmuls and convolutions on TF32 tensor cores (10-bit mantissa inputs,
+        fp32 accumulation); engine.cudnn_benchmark: let cuDNN time its convolution algorithms once
+        per input shape (the VQGAN's shapes never change within a run)."""
+        torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.tf32
+        torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
 
     # -- process group ------------------------------------------------------------------------
     @property

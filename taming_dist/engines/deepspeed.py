@@ -13,7 +13,7 @@ import os
 import torch
 
 from taming_dist.engines.base import (
-    Engine, Unit, build_optimizer, load_scheduler_and_scaler, scheduler_and_scaler_state,
+    Engine, Unit, build_optimizer, load_scheduler_and_scaler, param_groups, scheduler_and_scaler_state,
 )
 from taming_dist.engines.dist import ensure_process_group
 
@@ -49,6 +49,60 @@ def _register_table_reads(module: torch.nn.Module) -> None:
                 deepspeed.zero.register_external_parameter(parent, child.weight)
 
 
+# Keys of a user's DeepSpeed config that this project sets from its own config: the loop, the data
+# stream and the checkpoints depend on them, so a different value would silently break them.
+OWNED_KEYS = {
+    "train_batch_size": "train.global_batch_size",
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.global_batch_size / (train.micro_batch_size x ranks)",
+    "bf16": "engine.precision", "fp16": "engine.precision", "amp": "engine.precision",
+    "gradient_clipping": "train.optim.grad_clip / train.disc_optim.grad_clip",
+    "optimizer": "train.optim (the engine passes its own AdamW)",
+    "scheduler": "train.optim.schedule (the engine steps its own LR schedule)",
+    "zero_optimization.stage": "engine.zero_stage",
+}
+
+
+def read_user_config(path: str) -> dict:
+    import json
+
+    try:
+        with open(path) as f:
+            user = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"engine.deepspeed_config: {path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"engine.deepspeed_config: {path} is not valid JSON ({e})") from None
+    if not isinstance(user, dict):
+        raise ValueError(f"engine.deepspeed_config: {path} must hold a JSON object")
+    return user
+
+
+def merge_user_config(generated: dict, user: dict) -> dict:
+    """`user` merged over `generated` (nested dicts merged key by key, the user's values winning),
+    except the keys this project owns, which are refused by name with the setting to use instead."""
+    owned = [k for k in OWNED_KEYS if _lookup(user, k) is not None]
+    if owned:
+        raise ValueError("engine.deepspeed_config sets keys taming_dist derives from its own config: "
+                         + "; ".join(f"{k} (set {OWNED_KEYS[k]})" for k in owned))
+    return _merge(generated, user)
+
+
+def _lookup(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def unflatten_zero3(parts: list[torch.Tensor], shape) -> torch.Tensor:
     """A ZeRO-3 parameter (or a tensor laid out like it, e.g. its EMA) from every rank's flat,
     padded partition, in rank order. Shared by the engine (export) and `convert` (offline)."""
@@ -70,11 +124,16 @@ class DeepSpeedEngine(Engine):
         init_deepspeed_comm(env, device)
 
     def ds_config(self, micro_batch_size: int, grad_accum: int, grad_clip: float) -> dict:
+        """The generated DeepSpeed config, with the user's `engine.deepspeed_config` merged over it."""
         zero: dict = {"stage": self.cfg.zero_stage}
         if self.cfg.zero_stage == 3:
             # Small parameters (norms, biases) stay replicated: fewer tiny all-gathers.
             zero.update({"stage3_param_persistence_threshold": 10_000, "stage3_gather_16bit_weights_on_model_save": False})
-        return {
+        if self.cfg.offload_optimizer == "cpu":
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": self.device.type == "cuda"}
+        if self.cfg.offload_params == "cpu":
+            zero["offload_param"] = {"device": "cpu", "pin_memory": self.device.type == "cuda"}
+        generated = {
             "train_micro_batch_size_per_gpu": micro_batch_size,
             "gradient_accumulation_steps": grad_accum,
             "train_batch_size": micro_batch_size * grad_accum * self.world_size,
@@ -86,11 +145,14 @@ class DeepSpeedEngine(Engine):
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
         }
+        if not self.cfg.deepspeed_config:
+            return generated
+        return merge_user_config(generated, read_user_config(self.cfg.deepspeed_config))
 
     def _wrap(self, module, *, name, optim, lr, lr_lambda, blocks, micro_batch_size, grad_accum) -> Unit:
         import deepspeed
 
-        optimizer = build_optimizer(module, optim, lr)
+        optimizer = self._optimizer(module, optim, lr)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
         ds_engine, ds_opt, _, _ = deepspeed.initialize(
             model=module, optimizer=optimizer,
@@ -101,6 +163,23 @@ class DeepSpeedEngine(Engine):
         if self.cfg.compile:
             ds_engine.compile(backend=self.cfg.compile_backend)
         return Unit(name, raw=ds_engine.module, module=ds_engine, optimizer=ds_opt, scheduler=scheduler)
+
+    def _optimizer(self, module, optim, lr):
+        """ZeRO-Offload steps the optimizer on the CPU with DeepSpeedCPUAdam (DeepSpeed refuses
+        another optimizer there); its C++ op is JIT-built once into TORCH_EXTENSIONS_DIR (the
+        Makefile points it at .cache/). On CUDA without offload, DeepSpeed's FusedAdam; else (CPU)
+        the plain torch AdamW, which needs no op at all."""
+        groups = param_groups(module, optim.weight_decay)
+        kw = dict(lr=lr, betas=tuple(optim.betas), eps=optim.eps)
+        if self.cfg.offload_optimizer == "cpu":
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            return DeepSpeedCPUAdam(groups, adamw_mode=True, **kw)
+        if self.device.type == "cuda":
+            from deepspeed.ops.adam import FusedAdam
+
+            return FusedAdam(groups, adam_w_mode=True, **kw)
+        return build_optimizer(module, optim, lr)
 
     def _partitioned(self) -> bool:
         return self.cfg.zero_stage == 3

@@ -2,6 +2,11 @@
 
 Order as in torchtitan: activation checkpointing (the model's `grad_checkpointing` switch, set in
 Engine.setup) -> compile -> `fully_shard` per block, then the root.
+
+Layout: full sharding over all ranks by default, or hybrid sharding (HSDP) with
+`engine.fsdp_shard_size=S`: a 2-D DeviceMesh ("replicate", "shard") of (world / S, S), each
+parameter sharded over the S ranks of its group (one node) and replicated across groups, so the
+per-block all-gathers stay inside a node and only the gradient all-reduce crosses nodes.
 """
 from __future__ import annotations
 
@@ -12,19 +17,31 @@ import torch
 from taming_dist.engines.base import local_tensor
 from taming_dist.engines.dist import ensure_process_group
 from taming_dist.engines.single import SingleEngine
+from taming_dist.logging import print0
 
 
 class FSDPEngine(SingleEngine):
     kind = "fsdp"
+
+    channels_last_weights = False
 
     def __init__(self, cfg, env, device):
         super().__init__(cfg, env, device)
         from torch.distributed.device_mesh import init_device_mesh
 
         ensure_process_group(device)
-        self.mesh = init_device_mesh(device.type, (env.world_size,))
-
-    channels_last_weights = False
+        shard = cfg.fsdp_shard_size or env.world_size
+        if env.world_size % shard:
+            raise ValueError(f"engine.fsdp_shard_size {shard} does not divide the world size {env.world_size}; use a "
+                             "divisor, e.g. the GPUs per node")
+        self.replicas = env.world_size // shard
+        if self.replicas > 1:
+            self.mesh = init_device_mesh(device.type, (self.replicas, shard), mesh_dim_names=("replicate", "shard"))
+            self.layout = f"HSDP: {self.replicas} replicas x {shard}-way sharding"
+        else:
+            self.mesh = init_device_mesh(device.type, (env.world_size,), mesh_dim_names=("shard",))
+            self.layout = f"FSDP2: full sharding over {env.world_size} ranks"
+        print0(f"engine: {self.layout}")
 
     def _distribute(self, module, blocks):
         """Each declared block is compiled, then sharded, then the root (torchtitan's order): every
@@ -64,4 +81,5 @@ class FSDPEngine(SingleEngine):
         for _, p in self.local_params(unit):
             if p.grad is not None:
                 sq += local_tensor(p.grad).detach().float().pow(2).sum()
-        return self.all_reduce(sq, "sum").sqrt()
+        # Under HSDP every shard is held by `replicas` ranks (with the same, all-reduced gradient).
+        return (self.all_reduce(sq, "sum") / self.replicas).sqrt()

@@ -29,6 +29,9 @@ class Task(Protocol):
     def work_per_sample(self) -> tuple[str, int]:
         """(unit name for the rate, amount per sample): ("images", 1) or ("tokens", N)."""
 
+    def flops_per_sample(self) -> float:
+        """Training FLOPs per sample (forward + backward of every unit), for MFU."""
+
 
 def all_finite(engine, *tensors: torch.Tensor) -> bool:
     """True when every tensor is finite on every rank (all ranks agree, so all skip together)."""

@@ -46,6 +46,12 @@ class TransformerTask:
     def work_per_sample(self) -> tuple[str, int]:
         return "tokens", self.cfg.transformer.gpt.block_size
 
+    def flops_per_sample(self) -> float:
+        """Training FLOPs per sequence: 6N + attention per token (GPT.flops_per_token)."""
+        from taming_dist.perf import transformer_step_flops
+
+        return transformer_step_flops(self.cfg)
+
     def train_step(self, micro_batches: list[dict], step: int) -> dict:
         eng, n = self.engine, len(micro_batches)
         stats: dict[str, float] = {}

@@ -78,6 +78,12 @@ class VQGANTask:
     def work_per_sample(self) -> tuple[str, int]:
         return "images", 1
 
+    def flops_per_sample(self) -> float:
+        """Training FLOPs per image of a step with the GAN terms on (taming_dist/perf.py)."""
+        from taming_dist.perf import vqgan_step_flops
+
+        return vqgan_step_flops(self.cfg, self.cfg.train.micro_batch_size)["per_image"]
+
     def _last_layer_grad(self, grad_rec: torch.Tensor) -> torch.Tensor:
         """dL/dxrec -> dL/d(decoder.conv_out.weight), from conv_out's captured input: the same
         value as autograd w.r.t. the weight, without touching the (possibly sharded) parameter."""

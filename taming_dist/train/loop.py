@@ -92,12 +92,20 @@ def train(cfg: RunConfig, resume: str = "auto") -> dict:
                        project=cfg.logging.project, total_steps=cfg.train.steps, progress=cfg.logging.progress)
     stop = _StopFlag()
     unit_name, per_sample = task.work_per_sample()
+    # MFU: FLOPs of one step counted once (FlopCounterMode for the VQGAN, 6N + attention for the
+    # GPT), over the device's peak from a table; left out on CPU and on GPUs not in the table.
+    from taming_dist.perf import device_peak_flops, mfu
+
+    peak = device_peak_flops(device, engine.dtype)
+    flops_per_step = task.flops_per_sample() * cfg.train.global_batch_size if peak else None
     batches = iter(stream)
     metrics: dict = {}
-    t0, done_since_log = time.time(), 0
+    t0, done_since_log, data_wait = time.time(), 0, 0.0
     step = start
     while step < cfg.train.steps:
+        tw = time.perf_counter()
         micro = [next(batches) for _ in range(accum)]
+        data_wait += time.perf_counter() - tw  # time blocked on the loader (not overlapped with compute)
         stats = task.train_step(micro, step)
         step += 1
         if stats.get("skipped", 0.0):
@@ -115,12 +123,17 @@ def train(cfg: RunConfig, resume: str = "auto") -> dict:
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             dt = time.time() - t0
             samples = done_since_log * cfg.train.global_batch_size
-            metrics = {**{k: v for k, v in stats.items()}, f"{unit_name}_per_s": samples * per_sample / dt,
+            rate = samples * per_sample / dt
+            metrics = {**{k: v for k, v in stats.items()}, f"{unit_name}_per_s": rate,
+                       f"{unit_name}_per_s_per_device": rate / env.world_size, "step_s": dt / done_since_log,
+                       "data_wait_frac": data_wait / dt, "eta_s": (cfg.train.steps - step) * dt / done_since_log,
                        "skipped_total": skipped_total, **_memory(device)}
+            if flops_per_step and peak:
+                metrics["mfu"] = mfu(flops_per_step, dt / done_since_log, env.world_size, peak)
             if hasattr(stream, "stats"):
                 metrics.update({f"data/{k}": v for k, v in stream.stats().items()})
             logger.log(step, metrics)
-            t0, done_since_log = time.time(), 0
+            t0, done_since_log, data_wait = time.time(), 0, 0.0
         if cfg.train.image_every and (step % cfg.train.image_every == 0 or step == cfg.train.steps):
             for p in task.save_images(micro[0], step, run_dir / "images"):
                 logger.image(step, p.stem.split("_")[0], p)

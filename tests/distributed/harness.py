@@ -103,6 +103,24 @@ class Probes:
             seen[0] += int(t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
             seen[1] += 1
 
+    @staticmethod
+    def layout(units) -> dict:
+        """How the largest parameter of each unit is laid out: its DTensor placements, mesh shape
+        and the local shard's shape against the full one (FSDP2 / HSDP), else None."""
+        out = {}
+        for name, unit in units.items():
+            p = max(unit.raw.parameters(), key=lambda t: t.numel())
+            if hasattr(p, "placements"):
+                out[name] = {"placements": [str(x) for x in p.placements], "mesh": list(p.device_mesh.shape),
+                             "local": list(p.to_local().shape), "full": list(p.shape)}
+            elif hasattr(unit.module, "zero_offload_optimizer"):  # a DeepSpeedEngine: what it runs with
+                inner = getattr(unit.optimizer, "optimizer", unit.optimizer)
+                out[name] = {"optimizer": type(inner).__name__, "offload_optimizer": bool(unit.module.zero_offload_optimizer()),
+                             "offload_param": bool(unit.module.zero_offload_param()),
+                             "zero": {k: v for k, v in unit.module.config["zero_optimization"].items()
+                                      if not isinstance(v, dict)}}
+        return out
+
     def report(self) -> dict:
         from torch._dynamo.utils import counters
 
@@ -220,7 +238,8 @@ def run_spec(index: int, spec: str, out: Path, env, device) -> dict:
     # per element, whatever the engine.
     spacing = torch.finfo(torch.float32).eps * len(history)
     resolution = {u: {k: float((final[u][k].abs() * spacing).norm()) for k in final[u]} for u in final}
-    result = {"history": history, "probes": probes.report(), "replica_spread": spread,
+    result = {"history": history, "probes": probes.report(), "layout": Probes.layout(task.units),
+              "replica_spread": spread,
               "lr": {n: engine.lr(u) for n, u in task.units.items()}}
     if any(u.ema for u in task.units.values()):
         final_ema = _full(engine, task, ema=True)

@@ -50,6 +50,12 @@ def test_demo_pipeline_sample_and_reconstruct(tmp_path):
         assert list((run_dir / "wandb").glob("offline-run-*")), "wandb offline data missing"
         rows = [json.loads(line) for line in open(run_dir / "log.txt") if line.startswith('{"step"')]
         assert rows[-1]["step"] == 12 and all(r["skipped_total"] == 0 for r in rows)
+        # accounting in every logged row: per-device and total rates, step time, data wait, ETA
+        unit = "images" if stage == "vqgan" else "tokens"
+        last = rows[-1]
+        assert last[f"{unit}_per_s"] > 0 and last[f"{unit}_per_s_per_device"] == last[f"{unit}_per_s"]  # 1 process
+        assert last["step_s"] > 0 and 0 <= last["data_wait_frac"] < 1 and last["eta_s"] == 0
+        assert "mfu" not in last  # no peak FLOP/s for a CPU
     # re-running resumes at the end: nothing retrained, same weights
     before = (out / "vqgan" / "model" / "model.safetensors").read_bytes()
     cli("demo", "--out", str(out), "--vqgan-steps", "12", "--transformer-steps", "12", "logging.wandb_mode=disabled")

@@ -109,3 +109,15 @@ def test_actnorm_discriminator_is_refused_where_its_init_would_be_lost(engine):
     with pytest.raises(ValueError, match=f"actnorm.*engine.kind={engine}.*norm=batch or none"):
         load_config("vqgan-tiny", [f"engine.kind={engine}", "loss.discriminator.norm=actnorm"])
     load_config("vqgan-tiny", ["engine.kind=ddp", "loss.discriminator.norm=actnorm"])
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["engine.kind=fsdp", "engine.offload_optimizer=cpu"], "DeepSpeed settings"),
+    (["engine.kind=deepspeed", "engine.zero_stage=1", "engine.offload_optimizer=cpu"], "zero_stage 2 or 3"),
+    (["engine.kind=deepspeed", "engine.zero_stage=2", "engine.offload_params=cpu"], "zero_stage=3"),
+    (["engine.kind=ddp", "engine.fsdp_shard_size=8"], "FSDP2 setting"),
+    (["engine.kind=deepspeed", "engine.offload_optimizer=nvme"], "none, cpu"),
+])
+def test_engine_settings_are_checked(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        load_config("vqgan-tiny", overrides)

@@ -200,3 +200,26 @@ def test_convert_reads_only_model_and_ema_tensors(tmp_path, monkeypatch):
     assert requested and all(k.startswith(("m.model.", "m.ema.")) for k in requested), requested
     for k, v in u.ema.items():
         assert torch.equal(out[k], v)
+
+
+def test_cuda_math_switches(monkeypatch):
+    """engine.tf32 / engine.cudnn_benchmark set torch's backend flags (applied on CUDA devices)."""
+    from taming_dist.engines.base import Engine
+
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    try:
+        Engine.set_cuda_math(EngineConfig(tf32=True, cudnn_benchmark=True))
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32 and torch.backends.cudnn.benchmark
+        Engine.set_cuda_math(EngineConfig(tf32=False, cudnn_benchmark=False))
+        assert not (torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32 or torch.backends.cudnn.benchmark)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved
+
+
+def test_adamw_is_fused_only_on_cuda():
+    from taming_dist.engines.base import build_optimizer
+
+    m = nn.Linear(4, 4)
+    assert not build_optimizer(m, OptimConfig(), 1e-3).defaults["fused"]
+    if torch.cuda.is_available():
+        assert build_optimizer(m.cuda(), OptimConfig(), 1e-3).defaults["fused"]

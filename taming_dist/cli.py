@@ -25,6 +25,7 @@ COMMANDS = {
     "launch": "launch",
     "eval-recon": "eval_recon",
     "eval-gen": "eval_gen",
+    "plan": "plan",
 }
 
 

@@ -5,7 +5,8 @@ VQGAN task makes (tasks/vqgan.py), on fake tensors: meta storage reporting a CPU
 nothing is computed or allocated and vqgan-f16-16384 at 256 px costs a few seconds. Plain meta
 tensors do not work: the quantizer opens `torch.autocast(device_type=...)`, which refuses "meta".
 FlopCounterMode counts matmuls, convolutions and attention (2 FLOPs per multiply-add, backward
-included) and nothing elementwise; normalisation layers, activations and the optimizer count 0.
+included; attention as model FLOPs, without a fused kernel's recompute) and nothing elementwise:
+normalisation layers, activations and the optimizer count 0.
 Count once per run (the numbers depend only on the config and the micro batch).
 """
 from __future__ import annotations

@@ -9,6 +9,7 @@ the ratio to DDP's. Uses the harness' fixed batches (tests/distributed/harness.p
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -56,6 +57,7 @@ def main():
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"])
     ap.add_argument("--set", nargs="*", default=None, help="config overrides (model size), key=value")
+    ap.add_argument("--json", default=None, metavar="PATH", help="also write the rows (bytes, seconds) as JSON")
     args = ap.parse_args()
     size = args.set if args.set is not None else (
         ["transformer.gpt.n_layer=6", "transformer.gpt.n_embd=256"] if args.stage == "transformer"
@@ -77,6 +79,11 @@ def main():
             total = sum(mem.values())
             print(f"{name:<14}{dt:>9.3f}{rate:>12.1f}{mem['params'] / 2**20:>12.2f}{mem['grads'] / 2**20:>11.2f}"
                   f"{mem['optim'] / 2**20:>11.2f}{total / 2**20:>11.2f}{total / ddp_total:>8.2f}")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"stage": args.stage, "precision": args.precision, "world_size": env.world_size,
+                           "sizes": size, "rows": [{"engine": name, "step_s": dt, "rate": rate, **mem}
+                                                   for name, dt, rate, mem in rows]}, f, indent=1)
 
 
 if __name__ == "__main__":

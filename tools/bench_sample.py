@@ -1,15 +1,21 @@
-"""Sampled tokens per second with and without the KV cache.
+"""Sampled tokens per second: without the KV cache, with it (eager), and with the compiled
+fixed-shape decode step (`generate(..., compile=True)`).
 
 Builds a randomly initialised GPT (block_size = tokens + 1: one SOS token, then the image tokens),
-samples `--tokens` tokens for `--batch` sequences both ways from the same seed, checks that the two
-paths give the same tokens, and prints a table. Without the cache every step re-runs the whole
-prefix, so its cost grows with the square of the sequence length.
+samples `--tokens` tokens for `--batch` sequences each way from the same seed, checks that all paths
+give the same tokens, prints a table and, with --json, writes the figures. Without the cache every
+step re-runs the whole prefix, so its cost grows with the square of the sequence length. The compiled
+path's first call (compile included) is timed apart; the table shows its steady state. On a machine
+other jobs share, pass --threads 1: OpenMP threads on every busy core wait for each other at every op
+(2 threads on a loaded 2-core VM ran 30x slower than 1).
 
-    python tools/bench_sample.py [--tokens 256] [--batch 4] [--layers 2] [--width 128] [--threads 2]
+    python tools/bench_sample.py [--tokens 256] [--batch 4] [--layers 2] [--width 128] [--threads 1]
+                                 [--paths cached,compiled] [--json out.json]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import torch
@@ -18,17 +24,31 @@ from taming_dist.config.schema import GPTConfig
 from taming_dist.models.gpt import GPT
 from taming_dist.models.sampling import generate
 
+PATHS = {"uncached": dict(use_cache=False), "cached": dict(), "compiled": dict(compile=True)}
 
-def time_sampling(gpt: GPT, prefix: torch.Tensor, tokens: int, use_cache: bool, repeats: int) -> tuple[float, torch.Tensor]:
-    """(best seconds over `repeats`, the sampled tokens) after one short warm-up run."""
-    generate(gpt, prefix, min(tokens, 8), use_cache=use_cache, generator=torch.Generator().manual_seed(0))
-    best, out = float("inf"), None
-    for _ in range(repeats):
+
+def time_paths(gpt: GPT, prefix: torch.Tensor, tokens: int, paths: list[str], repeats: int) -> dict:
+    """Per path: best seconds over `repeats` and the sampled tokens. One warm-up run each (full length
+    when compiling, so the timed runs reuse its graph; its seconds are `first_call_s`); the timed runs
+    alternate between paths so that load from other processes hits them alike."""
+    def run(name: str, n: int) -> torch.Tensor:
+        return generate(gpt, prefix, n, top_k=100, generator=torch.Generator().manual_seed(0), **PATHS[name])
+
+    results = {}
+    for name in paths:
         t0 = time.perf_counter()
-        out = generate(gpt, prefix, tokens, use_cache=use_cache, top_k=100,
-                       generator=torch.Generator().manual_seed(0))
-        best = min(best, time.perf_counter() - t0)
-    return best, out
+        run(name, tokens if name == "compiled" else min(tokens, 8))
+        results[name] = {"seconds": float("inf"), "first_call_s": time.perf_counter() - t0}
+    for _ in range(repeats):
+        for name in paths:
+            t0 = time.perf_counter()
+            out = run(name, tokens)
+            sec = time.perf_counter() - t0
+            r = results[name]
+            r["seconds"], r["tokens"] = min(r["seconds"], sec), out
+    for r in results.values():
+        r["tokens_per_s"] = tokens * prefix.shape[0] / r["seconds"]
+    return results
 
 
 def main() -> None:
@@ -39,9 +59,14 @@ def main() -> None:
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--vocab", type=int, default=1024)
-    p.add_argument("--repeats", type=int, default=2, help="timed runs per path (the best is reported)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per path (the best is reported)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated subset of {','.join(PATHS)}")
+    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = p.parse_args()
+    paths = args.paths.split(",")
+    if "cached" not in paths or not set(paths) <= set(PATHS):
+        p.error(f"--paths must name 'cached' (the reference) and only {', '.join(PATHS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -50,16 +75,23 @@ def main() -> None:
     prefix = torch.zeros(args.batch, 1, dtype=torch.long)  # the SOS token
     print(f"GPT {args.layers} layers x {args.width} wide, vocab {args.vocab}, {gpt.num_params() / 1e6:.2f} M params; "
           f"{args.tokens} tokens x batch {args.batch}, {torch.get_num_threads()} threads")
-    results = {}
     with torch.inference_mode():
-        for name, use_cache in (("uncached", False), ("cached", True)):
-            results[name] = time_sampling(gpt, prefix, args.tokens, use_cache, args.repeats)
-    same = torch.equal(results["uncached"][1], results["cached"][1])
-    n = args.tokens * args.batch
-    print(f"{'path':<10} {'seconds':>8} {'tokens/s':>10}")
-    for name, (sec, _) in results.items():
-        print(f"{name:<10} {sec:>8.3f} {n / sec:>10.1f}")
-    print(f"speed-up   {results['uncached'][0] / results['cached'][0]:.2f}x   (same tokens: {'yes' if same else 'NO'})")
+        results = time_paths(gpt, prefix, args.tokens, paths, args.repeats)
+    ref = results["cached"]
+    print(f"{'path':<10} {'seconds':>8} {'tokens/s':>10} {'vs cached':>10} {'same tokens':>12} {'first call s':>13}")
+    for name, r in results.items():
+        r["vs_cached"] = ref["seconds"] / r["seconds"]
+        r["same_tokens"] = torch.equal(r["tokens"], ref["tokens"])
+        print(f"{name:<10} {r['seconds']:>8.3f} {r['tokens_per_s']:>10.1f} {r['vs_cached']:>9.2f}x "
+              f"{'yes' if r['same_tokens'] else 'NO':>12} {r['first_call_s']:>13.2f}")
+    for r in results.values():
+        del r["tokens"]
+    if args.json:
+        setup = {k: getattr(args, k) for k in ("tokens", "batch", "layers", "width", "heads", "vocab", "repeats")}
+        with open(args.json, "w") as f:
+            json.dump({**setup, "threads": torch.get_num_threads(), "torch": torch.__version__,
+                       "paths": results}, f, indent=2)
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from `block_size` instead of stored: a stored `attn.mask` buffer is accepted and
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
@@ -26,8 +26,13 @@ class LayerCache:
         self.v: Optional[torch.Tensor] = None
         self.cross: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
-    def write(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, nh, T, hs) at positions start..start+T-1; return all keys/values so far."""
+    def write(self, start: Union[int, torch.Tensor], k: torch.Tensor,
+              v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, nh, T, hs) at positions start..start+T-1; return all keys/values so far.
+
+        A tensor `start` (1,) (one token, `GPT.decode_step`) is written with index_copy_ and the whole
+        buffers come back, so no shape depends on the position; the caller masks the unwritten tail.
+        """
         B, nh, T, hs = k.shape
         if self.k is None:
             self.k = k.new_empty(B, nh, self.max_len, hs)  # (B, nh, max_len, hs)
@@ -35,6 +40,10 @@ class LayerCache:
         elif self.k.shape[0] != B:
             raise ValueError(f"the KV cache was filled with batch size {self.k.shape[0]}, got {B}; "
                              "make a new cache for a new batch")
+        if isinstance(start, torch.Tensor):
+            self.k.index_copy_(2, start, k)
+            self.v.index_copy_(2, start, v)
+            return self.k, self.v  # (B, nh, max_len, hs)
         self.k[:, :, start:start + T] = k
         self.v[:, :, start:start + T] = v
         return self.k[:, :, :start + T], self.v[:, :, :start + T]  # (B, nh, start+T, hs)
@@ -89,7 +98,7 @@ class CausalSelfAttention(nn.Module):
         return t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool,
-                kv: Optional[LayerCache] = None, start: int = 0) -> torch.Tensor:
+                kv: Optional[LayerCache] = None, start: Union[int, torch.Tensor] = 0) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
         if kv is not None:
@@ -152,7 +161,8 @@ class Block(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = True,
-                context: Optional[torch.Tensor] = None, kv: Optional[LayerCache] = None, start: int = 0) -> torch.Tensor:
+                context: Optional[torch.Tensor] = None, kv: Optional[LayerCache] = None,
+                start: Union[int, torch.Tensor] = 0) -> torch.Tensor:
         x = x + self.attn(self.ln1(x), attn_mask, is_causal, kv, start)
         if hasattr(self, "cross_attn"):
             x = x + self.cross_attn(self.ln_cross(x), context, kv)
@@ -227,6 +237,21 @@ class GPT(nn.Module):
         if cache is not None:
             cache.length = start + T
         return self.head(self.ln_f(x))  # (B, T, vocab_size)
+
+    def decode_step(self, idx: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One token per row, idx (B, 1), at position `pos` ((1,) long) -> logits (B, vocab_size).
+
+        Unlike `forward` with a cache, every call has the same shapes whatever the position (the new
+        keys/values go in with index_copy_, attention runs over the whole cache with keys after `pos`
+        masked), so torch.compile traces it once and CUDA graphs can replay it. The cache must hold
+        positions 0..pos-1, the n_unmasked bidirectional ones included (a `forward` prefill does);
+        `cache.length` is the caller's to keep, which knows `pos` without reading the device.
+        """
+        mask = (torch.arange(cache.max_len, device=idx.device) <= pos)[None]  # (1, max_len): keys 0..pos
+        x = self.drop(self.tok_emb(idx) + self.pos_emb[0].index_select(0, pos))  # (B, 1, C)
+        for block, layer in zip(self.blocks, cache.layers):
+            x = block(x, mask, False, None, layer, pos)
+        return self.head(self.ln_f(x))[:, -1]  # (B, vocab_size)
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count; `non_embedding` leaves out the lookup tables (tok_emb, pos_emb), which

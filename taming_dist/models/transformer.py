@@ -196,9 +196,10 @@ class Transformer(nn.Module):
     def sample(self, condition: Condition, num_steps: Optional[int] = None, temperature: float = 1.0,
                top_k: Optional[int] = None, top_p: Optional[float] = None, cfg_scale: Optional[float] = None,
                batch_size: Optional[int] = None, generator: Optional[torch.Generator] = None,
-               use_cache: bool = True, prefix: Optional[torch.Tensor] = None) -> torch.Tensor:
+               use_cache: bool = True, prefix: Optional[torch.Tensor] = None, compile: bool = False) -> torch.Tensor:
         """Sample image codes (B, P + num_steps) after the condition and the known image tokens
-        `prefix` (B, P); num_steps defaults to completing the first stage's token grid."""
+        `prefix` (B, P); num_steps defaults to completing the first stage's token grid. `compile`
+        decodes through a compiled fixed-shape step (see `taming_dist.models.sampling.generate`)."""
         c, null, context = self._prefix(condition, batch_size)
         if prefix is not None:
             if prefix.dim() != 2:
@@ -223,7 +224,7 @@ class Transformer(nn.Module):
         null_full = torch.cat([null, prefix], dim=1) if guided else None
         new = generate(self.transformer, full, num_steps, context=context, null_prefix=null_full,
                        cfg_scale=cfg_scale, use_cache=use_cache, generator=generator, temperature=temperature,
-                       top_k=top_k, top_p=top_p)
+                       top_k=top_k, top_p=top_p, compile=compile)
         return torch.cat([prefix, new], dim=1)  # (B, P + num_steps)
 
     def transform(self, image: torch.Tensor, condition: Condition, strength: float = 0.8, **kwargs) -> torch.Tensor:

@@ -140,6 +140,26 @@ def test_kv_cache_matches_full_forward(cross, n_unmasked):
             assert torch.allclose(_chunks(gpt, idx, sizes, context), full, atol=1e-5), sizes
 
 
+@pytest.mark.parametrize("cross", [False, True])
+@pytest.mark.parametrize("n_unmasked", [0, 4])
+def test_decode_step_matches_cached_forward(cross, n_unmasked):
+    gpt = tiny(cross_attention=cross, context_dim=8 if cross else 0, n_unmasked=n_unmasked)
+    with torch.no_grad():
+        gpt.pos_emb.normal_(std=0.5)
+    idx = torch.randint(0, 40, (2, 12))
+    context = torch.randn(2, 5, 8) if cross else None
+    with torch.no_grad():
+        ref = _chunks(gpt, idx, [5] + [1] * 7, context)[:, 4:]  # logits after each fed token from 4 on
+        cache = gpt.make_cache(12)
+        out = [gpt(idx[:, :5], context=context, cache=cache)[:, -1]]
+        stale = cache.layers[0].k.clone()
+        for pos in range(5, 12):
+            out.append(gpt.decode_step(idx[:, pos:pos + 1], torch.tensor([pos]), cache))
+    assert torch.allclose(torch.stack(out, dim=1), ref, atol=1e-5)
+    assert cache.length == 5  # decode_step leaves the position to its caller
+    assert torch.equal(cache.layers[0].k[:, :, :5], stale[:, :, :5])  # writes land at `pos` only
+
+
 def test_kv_cache_limits():
     gpt = tiny(n_unmasked=4)
     cache = gpt.make_cache(6)

@@ -1,10 +1,15 @@
-"""Filtering, seeded sampling, the cached vs uncached loop, guidance."""
+"""Filtering, seeded sampling, the cached vs uncached loop, guidance, the fixed-shape (compiled) step."""
+import time
+
 import pytest
 import torch
 
+from taming_dist.config import load_config
 from taming_dist.config.schema import GPTConfig
+from taming_dist.models import sampling
 from taming_dist.models.gpt import GPT
 from taming_dist.models.sampling import generate, guided_logits, sample_next, top_k_filter, top_p_filter
+from taming_dist.models.transformer import Transformer
 
 
 def tiny(**kw) -> GPT:
@@ -105,3 +110,94 @@ def test_generate_length_checks():
     generate(gpt, torch.zeros(1, 2, dtype=torch.long), 19)  # the last token is never fed back
     with pytest.raises(ValueError, match="null_prefix"):
         generate(gpt, torch.zeros(1, 1, dtype=torch.long), 3, cfg_scale=2.0)
+
+
+# (model options, sampling options) the fixed-shape step must decode exactly as the cached loop does
+CASES = {
+    "plain": ({}, {}),
+    "top_k_top_p": ({}, dict(top_k=5, top_p=0.8)),
+    "temperature": ({}, dict(temperature=0.7, top_k=20)),
+    "cfg": ({}, dict(cfg_scale=2.5, top_p=0.9)),
+    "n_unmasked": (dict(n_unmasked=2), dict(top_k=10)),
+    "cross_cfg": (dict(cross_attention=True, context_dim=4), dict(cfg_scale=2.0, top_k=10)),
+}
+
+
+def attentive(**model_kw) -> GPT:
+    """tiny() with attention weights large enough that every attended key moves the tokens (at the
+    0.02 init, a wrong mask or a missing key would change the logits too little to change a sample)."""
+    gpt = tiny(**model_kw)
+    with torch.no_grad():
+        for name, p in gpt.named_parameters():
+            if "attn" in name and name.endswith("weight"):
+                p.normal_(std=0.5)
+    return gpt
+
+
+def case_inputs(model_kw: dict, sample_kw: dict, seed: int):
+    torch.manual_seed(seed)
+    kw = dict(sample_kw)
+    if "cfg_scale" in kw:
+        kw["null_prefix"] = torch.full((3, 2), 5)
+    if model_kw.get("cross_attention"):
+        kw["context"] = torch.randn(3, 4, 4)
+    return torch.randint(0, 32, (3, 2)), kw  # prefix of 2: covers the n_unmasked block
+
+
+def assert_compiled_like_cached(gpt: GPT, sample_kw: dict, model_kw: dict) -> None:
+    """Two calls (new prefix and seed; the second reuses the decoder's buffers, whose tail the
+    first left filled): compile=True gives the cached loop's tokens."""
+    sizes = []
+    for seed in (0, 1):
+        prefix, kw = case_inputs(model_kw, sample_kw, seed)
+        want = generate(gpt, prefix, 16, generator=gen(seed), **kw)
+        assert torch.equal(generate(gpt, prefix, 16, generator=gen(seed), compile=True, **kw), want)
+        sizes.append(len(sampling._DECODERS[gpt]))
+    assert sizes[0] == sizes[1]  # one set of static buffers per shape, reused
+
+
+@pytest.fixture
+def eager_step(monkeypatch):
+    """compile=True with torch.compile left out: the fixed-shape step and its static buffers, eager."""
+    monkeypatch.setattr(sampling, "_compiled_step", lambda device_type: sampling._decode_step)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_fixed_shape_step_eager_equals_cached(case, eager_step):
+    model_kw, sample_kw = CASES[case]
+    assert_compiled_like_cached(attentive(**model_kw), sample_kw, model_kw)
+
+
+def test_compile_option_checks(eager_step):
+    gpt = tiny()
+    prefix = torch.zeros(1, 1, dtype=torch.long)
+    with pytest.raises(ValueError, match="use_cache=True"):
+        generate(gpt, prefix, 3, compile=True, use_cache=False)
+    with pytest.raises(ValueError, match="eval mode"):
+        generate(gpt.train(), prefix, 3, compile=True)
+    assert generate(gpt.eval(), prefix, 1, compile=True).shape == (1, 1)  # no step to decode
+
+
+def test_transformer_sample_compile(eager_step):
+    cfg = load_config("transformer-tiny").transformer
+    cfg.gpt.n_layer, cfg.gpt.n_embd, cfg.gpt.n_head = 1, 16, 2
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    a = model.sample([1, 2], top_k=50, generator=gen(0))
+    assert torch.equal(a, model.sample([1, 2], top_k=50, generator=gen(0), compile=True))
+
+
+@pytest.mark.slow
+def test_compiled_step_equals_cached():
+    """torch.compile'd step (inductor on CPU): token-identical to the eager cached loop, compiled
+    once per model and batch shape; a repeated call must not recompile."""
+    t0 = time.perf_counter()
+    models = {}
+    for case, (model_kw, sample_kw) in CASES.items():
+        key = tuple(sorted(model_kw.items()))
+        gpt = models.setdefault(key, attentive(**model_kw))  # cases of one model share its graphs
+        assert_compiled_like_cached(gpt, sample_kw, model_kw)
+        with torch.compiler.set_stance("fail_on_recompile"):
+            prefix, kw = case_inputs(model_kw, sample_kw, 2)
+            generate(gpt, prefix, 16, generator=gen(2), compile=True, **kw)
+    print(f"compiled {len(models)} models in {time.perf_counter() - t0:.0f} s")

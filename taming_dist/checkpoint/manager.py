@@ -87,7 +87,6 @@ class RunState:
     def __init__(self, rank: int, read_rank: int | None = None):
         self.rank, self.read_rank = rank, rank if read_rank is None else read_rank
         self.step, self.counters, self.rank_state = 0, b"", b""
-        self.extra: dict = {}
 
     def state_dict(self) -> dict:
         return {"step": self.step, "counters": self.counters, rank_key(self.read_rank): self.rank_state}

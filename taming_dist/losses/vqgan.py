@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from taming_dist.config import VQLossConfig
 from taming_dist.losses.lpips import build_lpips
+from taming_dist.profiling import phase
 
 
 def _identity(t: torch.Tensor) -> torch.Tensor:
@@ -105,23 +106,26 @@ class VQGANLoss(nn.Module):
         mean_fn:         average across data-parallel ranks (so d_weight is the global-batch value)
         """
         rec = _wide(xrec.detach()).requires_grad_()
-        with autocast():
-            nll, logs = self.reconstruction_loss(x, rec)
-        grad_nll, = torch.autograd.grad(nll, rec)
+        with phase("reconstruction_loss"):  # L1 + LPIPS, value and gradient
+            with autocast():
+                nll, logs = self.reconstruction_loss(x, rec)
+            grad_nll, = torch.autograd.grad(nll, rec)
         df = self.disc_factor(step)
         zero = torch.zeros((), device=x.device)
         g_loss, grad_g, d_weight = zero, torch.zeros_like(rec), zero
         if df > 0.0:
             if disc_fn is None:
                 raise ValueError(f"step {step} is past loss.disc_start: the generator objective needs disc_fn")
-            with autocast():
-                g_loss = self.generator_adv_loss(disc_fn(rec))
-            grad_g, = torch.autograd.grad(g_loss, rec)
+            with phase("gan_loss"):  # the frozen PatchGAN on the reconstruction, value and gradient
+                with autocast():
+                    g_loss = self.generator_adv_loss(disc_fn(rec))
+                grad_g, = torch.autograd.grad(g_loss, rec)
             if self.cfg.adaptive_weight:
                 if last_layer_grad is None:
                     raise ValueError("loss.adaptive_weight needs last_layer_grad (dL/drec -> dL/dlast_layer)")
-                d_weight = self.adaptive_weight(mean_fn(last_layer_grad(grad_nll)), mean_fn(last_layer_grad(grad_g)),
-                                                self.cfg.disc_weight)
+                with phase("adaptive_weight"):
+                    d_weight = self.adaptive_weight(mean_fn(last_layer_grad(grad_nll)),
+                                                    mean_fn(last_layer_grad(grad_g)), self.cfg.disc_weight)
             else:
                 d_weight = torch.tensor(self.cfg.disc_weight, dtype=rec.dtype, device=x.device)
         # (weight, value, d value / d rec) of every term on the reconstruction

@@ -14,6 +14,7 @@ from taming_dist.config import RunConfig
 from taming_dist.engines.base import Engine, lr_lambda_for
 from taming_dist.losses.lm import image_token_loss
 from taming_dist.models.transformer import Transformer
+from taming_dist.profiling import phase
 from taming_dist.tasks.base import all_finite, to_device
 from taming_dist.tasks.init import load_init_weights, read_weights
 
@@ -57,18 +58,21 @@ class TransformerTask:
         stats: dict[str, float] = {}
         for mb in eng.accumulate(self.G, micro_batches):
             batch = to_device(mb, eng.device)
-            with torch.no_grad(), eng.autocast():
+            with phase("tokenize"), torch.no_grad(), eng.autocast():  # frozen VQGAN encode, conditions
                 inputs = self.model.make_training_inputs(batch)
-            with eng.autocast():
-                logits = self.G.module(inputs["idx"], context=inputs["context"])
-            loss, logs = image_token_loss(logits, inputs["targets"], inputs["c_len"])
+            with phase("transformer_forward"):
+                with eng.autocast():
+                    logits = self.G.module(inputs["idx"], context=inputs["context"])
+                loss, logs = image_token_loss(logits, inputs["targets"], inputs["c_len"])
             if not all_finite(eng, loss):
                 eng.discard(self.G)
                 return {"skipped": 1.0}
-            eng.backward(self.G, loss)
+            with phase("transformer_backward"):
+                eng.backward(self.G, loss)
             for k, v in {"loss": loss, **logs}.items():
                 stats[k] = stats.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) / n
-        stats.update(eng.step(self.G))
+        with phase("optimizer_step"):
+            stats.update(eng.step(self.G))
         stats["skipped"] = float(stats.pop("skipped"))
         stats["lr"] = eng.lr(self.G)
         return eng.mean_over_ranks(stats)

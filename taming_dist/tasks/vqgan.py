@@ -24,6 +24,7 @@ from taming_dist.engines.base import Engine, lr_lambda_for
 from taming_dist.losses.vqgan import VQGANLoss
 from taming_dist.models.discriminator import NLayerDiscriminator
 from taming_dist.models.vqgan import VQModel
+from taming_dist.profiling import phase
 from taming_dist.tasks.base import all_finite, to_device
 from taming_dist.tasks.init import load_init_weights
 
@@ -106,7 +107,7 @@ class VQGANTask:
             x = to_device(mb, eng.device)["image"]
             if self.cfg.engine.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with eng.autocast():
+            with phase("generator_forward"), eng.autocast():
                 xrec, qloss, info = self.G.module(x)
             obj = self.loss.generator_objective(x, xrec, qloss, step, disc_fn=disc_fn,
                                                 last_layer_grad=self._last_layer_grad,
@@ -114,23 +115,27 @@ class VQGANTask:
             if not all_finite(eng, obj.loss, obj.grad_rec):
                 eng.discard(self.G)
                 return {"skipped": 1.0}
-            eng.backward(self.G, obj.surrogate(xrec))
+            with phase("generator_backward"):
+                eng.backward(self.G, obj.surrogate(xrec))
             recs.append((x, xrec.detach()))
             _accumulate(stats, {**obj.logs, "perplexity": info["perplexity"], "usage": info["usage"]}, n)
-        stats.update({f"g_{k}": v for k, v in eng.step(self.G).items()})
+        with phase("generator_optimizer_step"):
+            stats.update({f"g_{k}": v for k, v in eng.step(self.G).items()})
         stats["lr"] = eng.lr(self.G)
         if disc_factor > 0.0:
             # The discriminator is not trained before disc_start (its loss is zero there anyway).
             for x, xrec in eng.accumulate(self.D, recs):
-                with eng.autocast():
+                with phase("discriminator_forward"), eng.autocast():
                     real, fake = self.D.module(x, xrec)
                     d_loss, dlogs = self.loss.discriminator_loss(real, fake, step)
                 if not all_finite(eng, d_loss):
                     eng.discard(self.D)
                     return {**stats, "skipped": 1.0}
-                eng.backward(self.D, d_loss)
+                with phase("discriminator_backward"):
+                    eng.backward(self.D, d_loss)
                 _accumulate(stats, dlogs, n)
-            stats.update({f"d_{k}": v for k, v in eng.step(self.D).items()})
+            with phase("discriminator_optimizer_step"):
+                stats.update({f"d_{k}": v for k, v in eng.step(self.D).items()})
         stats["skipped"] = float(stats.get("g_skipped", 0.0) or stats.get("d_skipped", 0.0))
         return eng.mean_over_ranks(stats)
 

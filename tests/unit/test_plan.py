@@ -19,11 +19,15 @@ SIZES = ("transformer.gpt.n_layer=2", "transformer.gpt.n_embd=128")
 @pytest.mark.distributed
 def test_state_estimate_matches_the_measured_state_of_every_engine(tmp_path):
     # One torchrun launch: bench_train sets up every engine at world size 2, bf16, and reports
-    # Engine.state_bytes of rank 0 (the largest shard).
+    # Engine.state_bytes of rank 0 (the largest shard). --profile rides along: its phase table.
     out = tmp_path / "bench.json"
-    run(["tools/bench_train.py", "--stage", "transformer", "--steps", "1", "--set", *SIZES, "--json", str(out)],
-        nproc=2)
-    measured = {r["engine"]: r for r in json.loads(out.read_text())["rows"]}
+    run(["tools/bench_train.py", "--stage", "transformer", "--steps", "1", "--set", *SIZES, "--json", str(out),
+         "--profile"], nproc=2)
+    report = json.loads(out.read_text())
+    measured = {r["engine"]: r for r in report["rows"]}
+    for name, phases in report["phases_s"].items():
+        assert set(phases) == {"tokenize", "transformer_forward", "transformer_backward", "optimizer_step", "other"}
+        assert sum(phases.values()) == pytest.approx(measured[name]["step_s"], rel=0.05), name
     print(f"\n{'engine':<18}" + "".join(f"{k + ' est/meas MiB':>26}" for k in ("params", "grads", "optim")))
     for kind, stage in ENGINES:
         cfg = make_cfg("transformer", kind, stage or 2, "bf16", False, GLOBAL_BATCH // 2, extra=SIZES)

@@ -1,13 +1,13 @@
-"""Rank-0 output, the wandb sink (with a stand-in when disabled) and a progress line.
+"""Rank-0 output, the wandb sink (with a stand-in when disabled) and the training progress line.
 
-Every print of the training code goes through `print0` so that N ranks do not print N times.
+Every print of the training code goes through `print0` so that N ranks do not print N times. The
+progress line is the same tqdm bar as the other long commands' (taming_dist/progress.py), updated
+at every logged step: redrawn on a terminal, one plain line per logged step otherwise.
 """
 from __future__ import annotations
 
 import json
 import os
-import sys
-import time
 from pathlib import Path
 
 _RANK = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
@@ -41,7 +41,7 @@ class RunLogger:
         self.is_main = is_main
         self.total = total_steps
         self.progress = progress and is_main
-        self.start = time.time()
+        self.bar = None  # made at the first logged step, which is the resumed step after a resume
         self.run = _NullRun()
         self.log_file = None
         if not is_main:
@@ -62,11 +62,14 @@ class RunLogger:
         self.log_file.write(json.dumps({"step": step, **clean}) + "\n")
         self.log_file.flush()
         if self.progress:
-            frac = step / max(1, self.total)
-            bar = "#" * int(20 * frac) + "-" * (20 - int(20 * frac))
             shown = " ".join(f"{k}={v:.4g}" for k, v in clean.items() if k.split("/")[-1] in _SHOWN)
-            eta = f" eta {_duration(clean['eta_s'])}" if "eta_s" in clean else ""
-            print(f"[{bar}] step {step}/{self.total}{eta} {shown}", file=sys.stderr, flush=True)
+            if self.bar is None:
+                from taming_dist.progress import progress
+
+                self.bar = progress(total=self.total, initial=step, desc="train", unit="steps", every=0, postfix=shown)
+            else:
+                self.bar.set_postfix_str(shown, refresh=False)
+                self.bar.update(step - self.bar.n)
 
     def image(self, step: int, key: str, path: Path) -> None:
         if not self.is_main or isinstance(self.run, _NullRun):
@@ -82,6 +85,8 @@ class RunLogger:
             self.log_file.flush()
 
     def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
         if self.is_main:
             self.run.finish()
             self.log_file.close()
@@ -89,8 +94,3 @@ class RunLogger:
 
 _SHOWN = {"loss", "g_loss", "d_loss", "nll", "lr", "images_per_s", "tokens_per_s", "perplexity", "grad_norm", "mfu",
           "data_wait_frac", "peak_mem_gib"}
-
-
-def _duration(seconds: float) -> str:
-    s = int(seconds)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"

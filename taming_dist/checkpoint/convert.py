@@ -15,6 +15,7 @@ import torch
 
 from taming_dist.checkpoint.manager import read_manifest
 from taming_dist.engines.deepspeed import ema_rank_key, unflatten_zero3
+from taming_dist.progress import progress
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -31,7 +32,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
                             "as runs/NAME/checkpoints/step_000500, a checkpoints/ folder or a run folder")
 
 
-def read_dcp_tensors(folder: Path, prefixes: list[str]) -> dict[str, torch.Tensor]:
+# Tensors are loaded in groups of about this many bytes, so that progress shows between groups.
+LOAD_GROUP_BYTES = 1 << 30
+
+
+def read_dcp_tensors(folder: Path, prefixes: list[str], desc: str = "convert") -> dict[str, torch.Tensor]:
     """The tensors of a DCP save whose flattened key starts with one of `prefixes`, loaded in this
     process alone; nothing else of the checkpoint is read into memory."""
     import torch.distributed.checkpoint as dcp
@@ -41,8 +46,16 @@ def read_dcp_tensors(folder: Path, prefixes: list[str]) -> dict[str, torch.Tenso
     meta = reader.read_metadata().state_dict_metadata
     state = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items()
              if isinstance(m, TensorStorageMetadata) and k.startswith(tuple(prefixes))}
-    if state:
-        dcp.load(state, storage_reader=reader, no_dist=True)
+    pending = list(reversed(state))
+    with progress(total=sum(t.nbytes for t in state.values()), desc=desc, unit="B", unit_scale=True) as bar:
+        while pending:
+            group, size = {}, 0
+            while pending and (not group or size + state[pending[-1]].nbytes <= LOAD_GROUP_BYTES):
+                key = pending.pop()
+                group[key] = state[key]
+                size += state[key].nbytes
+            dcp.load(group, storage_reader=reader, no_dist=True)  # into the tensors of `state`, in place
+            bar.update(size)
     return state
 
 
@@ -59,14 +72,15 @@ def _consolidate_v2(ckpt: Path, manifest: dict, ema: bool) -> dict[str, dict]:
             sd = dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt / "deepspeed"), tag=name))
             if ema and manifest.get("zero_stage") == 3:
                 keys = [f"{name}.{ema_rank_key(r)}." for r in range(manifest["world_size"])]
-                parts = read_dcp_tensors(ckpt / "state", keys)
+                parts = read_dcp_tensors(ckpt / "state", keys, f"convert {name} EMA")
                 per_rank = [_strip(parts, k) for k in keys]
                 sd.update({k: unflatten_zero3([p[k] for p in per_rank], sd[k].shape) for k in per_rank[0]})
             elif ema:
-                sd.update(_strip(read_dcp_tensors(ckpt / "state", [f"{name}.ema."]), f"{name}.ema."))
+                ema_state = read_dcp_tensors(ckpt / "state", [f"{name}.ema."], f"convert {name} EMA")
+                sd.update(_strip(ema_state, f"{name}.ema."))
         else:
             prefixes = [f"{name}.model."] + ([f"{name}.ema."] if ema else [])
-            state = read_dcp_tensors(ckpt / "state", prefixes)
+            state = read_dcp_tensors(ckpt / "state", prefixes, f"convert {name}")
             sd = _strip(state, f"{name}.model.")
             sd.update(_strip(state, f"{name}.ema."))
         result[name] = sd

@@ -23,6 +23,8 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from taming_dist.progress import progress
+
 from .shards import read_manifest, tar_samples, write_json_atomic, write_manifest, write_tar
 from .stream import check_corrupt_fraction
 from .transforms import find_image_field, hflip_images, load_image, to_float
@@ -147,8 +149,13 @@ def extract_codes(vqgan, source, out: str, *, rank: int = 0, world_size: int = 1
     was_training = vqgan.training
     vqgan.eval()
     written, skipped = [], []
+    mine = range(rank, len(inputs), world_size)
+    counts = [source_manifest["shards"][i]["count"] for i in mine]
+    done_before = sum(c for i, c in zip(mine, counts) if os.path.exists(_done_path(out, inputs[i])))
+    bar = progress(total=source_manifest["total"], local_total=sum(counts), initial=done_before, desc="extract-codes",
+                   unit="images", enabled=rank == 0)
     try:
-        for i in range(rank, len(inputs), world_size):
+        for i, n_images in zip(mine, counts):
             done = _done_path(out, inputs[i])
             if os.path.exists(done):
                 with open(done) as f:
@@ -171,7 +178,9 @@ def extract_codes(vqgan, source, out: str, *, rank: int = 0, world_size: int = 1
                                      "labels": {str(k): v for k, v in labels.items()}, "settings": settings,
                                      "corrupt": errors["corrupt"], "shard_errors": errors["shard_errors"]})
             written.append(name)
+            bar.update(n_images)
     finally:
+        bar.close()
         vqgan.train(was_training)
     barrier()
     manifest = _write_codes_manifest(out, folder, inputs, source_manifest, settings) if rank == 0 else None

@@ -28,6 +28,8 @@ from PIL import Image
 from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from taming_dist.progress import progress
+
 from .transforms import IMAGE_EXTS, find_image_field
 
 MANIFEST = "manifest.json"
@@ -272,6 +274,16 @@ def plan_shards(sizes: list[int], max_count: int, max_size: int) -> list[list[in
 # Writing
 
 
+def _imap(fn: Callable, jobs: list, workers: int) -> Iterator:
+    """fn over jobs, in order, as results come: in `workers` processes (one whole-shard job at a
+    time each) or in this one when there is nothing to share."""
+    if workers > 1 and len(jobs) > 1:
+        with multiprocessing.get_context().Pool(min(workers, len(jobs))) as pool:
+            yield from pool.imap(fn, jobs)
+    else:
+        yield from map(fn, jobs)
+
+
 _REENCODE = {"jpg": ("JPEG", {"quality": 95}), "jpeg": ("JPEG", {"quality": 95}), "png": ("PNG", {}),
              "webp": ("WEBP", {"quality": 95})}
 
@@ -341,11 +353,11 @@ def write_shards(src: str, out: str, *, max_count: int = 1000, max_size: int = D
     os.makedirs(out, exist_ok=True)
     jobs = [(os.path.join(out, SHARD_NAME.format(s)), [(f"{i:0{width}d}", items[i]) for i in idx], resize)
             for s, idx in enumerate(plan)]
-    if workers > 1 and len(jobs) > 1:
-        with multiprocessing.get_context().Pool(min(workers, len(jobs))) as pool:
-            results = pool.map(_write_shard_job, jobs, chunksize=1)
-    else:
-        results = [_write_shard_job(j) for j in jobs]
+    results = []
+    with progress(total=len(items), desc="shard", unit="images") as bar:
+        for job, result in zip(jobs, _imap(_write_shard_job, jobs, workers)):
+            results.append(result)
+            bar.update(len(job[1]))
 
     shards, skipped, labels = [], [], Counter()
     for r in results:
@@ -449,11 +461,8 @@ def verify_shards(out: str, *, workers: int = 1) -> VerifyReport:
     for u in urls:
         if u not in present:
             report.shard_errors.append((os.path.basename(u), "listed but missing"))
-    if workers > 1 and len(present) > 1:
-        with multiprocessing.get_context().Pool(min(workers, len(present))) as pool:
-            results = pool.map(_verify_one, present, chunksize=1)
-    else:
-        results = [_verify_one(u) for u in present]
+    with progress(_imap(_verify_one, present, workers), total=len(present), desc="verify", unit="shards") as bar:
+        results = list(bar)
     for url, (count, bad, errors) in zip(present, results):
         name = os.path.basename(url)
         report.shards += 1

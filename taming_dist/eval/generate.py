@@ -31,6 +31,7 @@ from taming_dist.data.shards import resolve_shards, tar_samples, write_manifest,
 from taming_dist.data.transforms import decode_rgb, find_image_field, load_image
 from taming_dist.eval.metrics import FeatureStats, fid_from_stats, inception_score
 from taming_dist.models.pipeline import generate_image
+from taming_dist.progress import progress
 
 SHARD_NAME = "shard-r{rank}-{index:06d}.tar"
 PART_NAME = ".part-r{rank}.npy"
@@ -121,6 +122,7 @@ def sample_to_folder(model, out_dir: str, *, num_samples: int, batch_size: int, 
     pending: list[dict] = []
     written = 0  # shards written by this rank; shard_layout gives the same chunks
     row = 0
+    bar = progress(total=num_samples, local_total=mine, desc="sample", unit="samples", enabled=rank == 0)
     for start, images, labels in draw_batches(model, plan, seed=seed, classes=classes, device=device, **sample_kwargs):
         if len(grid) < GRID_SAMPLES:
             grid.extend(images[:GRID_SAMPLES - len(grid)])
@@ -136,6 +138,8 @@ def sample_to_folder(model, out_dir: str, *, num_samples: int, batch_size: int, 
                 write_tar(os.path.join(out_dir, SHARD_NAME.format(rank=rank, index=written)), pending[:shard_size])
                 pending, written = pending[shard_size:], written + 1
         row += len(images)
+        bar.update(len(images))
+    bar.close()
     if part is not None:
         part.flush()
         del part
@@ -254,17 +258,36 @@ def iter_sample_images(path: str, batch_size: int, size: Optional[int] = None) -
         yield np.stack(buf)
 
 
+def count_sample_images(path: str) -> Optional[int]:
+    """The number of images `iter_sample_images` yields, from the npz's array header (the array is
+    not read) or the manifest; None when unknown (a brace pattern, or a file that
+    `iter_sample_images` will refuse with the reason)."""
+    if not path.endswith(".npz"):
+        manifest = resolve_shards(path)[1]
+        return manifest["total"] if manifest else None
+    try:
+        with zipfile.ZipFile(path) as zf, zf.open("arr_0.npy") as f:
+            major, _ = np.lib.format.read_magic(f)
+            header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            return header(f)[0][0]
+    except (OSError, KeyError, ValueError, IndexError, zipfile.BadZipFile):
+        return None
+
+
 @torch.no_grad()
 def inception_outputs(inception, path: str, *, batch_size: int = 50, size: Optional[int] = None,
                       device="cpu") -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:
     """(mu, sigma, n, class probabilities (n, K) float32) of a sample set's Inception outputs."""
     stats = FeatureStats(2048, device=device)
     probs = []
+    bar = progress(total=count_sample_images(path), desc="eval-gen", unit="images")
     for batch in iter_sample_images(path, batch_size, size):
         x = torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).float().div(127.5).sub(1)
         features, logits = inception(x)
         stats.update(features)
         probs.append(logits.double().softmax(-1).float().cpu().numpy())
+        bar.update(len(batch))
+    bar.close()
     mu, sigma, n = stats.compute()
     return mu, sigma, n, np.concatenate(probs)
 

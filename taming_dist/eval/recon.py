@@ -21,6 +21,7 @@ from taming_dist.data.shards import read_manifest, tar_samples
 from taming_dist.data.transforms import find_image_field, load_image, to_float
 from taming_dist.eval.metrics import (CodebookUsage, Collective, FeatureStats, MeanMetric, fid_from_stats, psnr,
                                       reduce_sum, ssim)
+from taming_dist.progress import progress
 
 
 def all_reduce_sum(device: torch.device) -> Collective:
@@ -55,6 +56,10 @@ def rank_shards(folder: str, rank: int, world_size: int, max_samples: Optional[i
             plan.append((os.path.join(folder, shard["name"]), offset, take))
         offset += shard["count"]
     return plan
+
+
+def _count(plan: list[tuple[str, int, int]]) -> int:
+    return sum(take for _, _, take in plan)
 
 
 def read_images(plan: list[tuple[str, int, int]], size: int, errors: dict) -> Iterator[np.ndarray]:
@@ -110,6 +115,8 @@ def evaluate_reconstruction(model, folder: str, *, size: int, batch_size: int = 
     real = FeatureStats(2048, all_reduce_fn, device) if inception is not None else None
     fake = FeatureStats(2048, all_reduce_fn, device) if inception is not None else None
     examples = None
+    bar = progress(total=_count(rank_shards(folder, 0, 1, max_samples)), local_total=_count(plan), desc="eval-recon",
+                   unit="images", enabled=rank == 0)
     for images in batches(read_images(plan, size, errors), batch_size):
         x = to_float(images).to(device)  # (B, 3, S, S) in [-1, 1]
         xrec, _, info = model(x)
@@ -127,6 +134,8 @@ def evaluate_reconstruction(model, folder: str, *, size: int, batch_size: int = 
         if rank == 0 and examples is None and num_examples > 0:
             k = min(num_examples, x.shape[0])
             examples = torch.cat([x[:k], rec[:k]]).cpu()
+        bar.update(x.shape[0])
+    bar.close()
     # The same sequence of collectives on every rank, whatever its share of the data.
     psnr_mean, n = psnr_m.compute()
     report = {"samples": n, "psnr": psnr_mean, "ssim": ssim_m.compute()[0]}

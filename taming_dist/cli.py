@@ -26,6 +26,7 @@ COMMANDS = {
     "eval-recon": "eval_recon",
     "eval-gen": "eval_gen",
     "plan": "plan",
+    "report": "report",
 }
 
 

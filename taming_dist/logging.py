@@ -2,7 +2,9 @@
 
 Every print of the training code goes through `print0` so that N ranks do not print N times. The
 progress line is the same tqdm bar as the other long commands' (taming_dist/progress.py), updated
-at every logged step: redrawn on a terminal, one plain line per logged step otherwise.
+at every logged step: redrawn on a terminal, one plain line per logged step otherwise. It starts at
+the first logged step (the logger is not told the step a resumed run starts from), so its elapsed
+time and rate count from there; the logged `eta_s` and rates are the loop's own.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 HELP = ("the main job: train a tiny VQGAN, then a tiny class-conditional transformer on its codes, "
-        "on the built-in dataset (CPU, a few minutes), and write sample grids")
+        "on the built-in dataset (CPU, a few minutes), and write sample grids and a report page (report.html)")
 EXAMPLE = "taming-dist demo --out runs/demo"
 
 
@@ -20,19 +20,20 @@ def run(args) -> int:
     from taming_dist.config import load_config
     from taming_dist.data.images import save_grid
     from taming_dist.models.pipeline import generate_image
+    from taming_dist.report import write_report
     from taming_dist.train.loop import train
 
     out = Path(args.out)
     common = [f"out_dir={out}", *args.overrides]
     vq = load_config("vqgan-tiny", common + ["name=vqgan"] + (
         [f"train.steps={args.vqgan_steps}"] if args.vqgan_steps else []))
-    print(f"== 1/3 training the VQGAN ({vq.train.steps} steps) -> {out / 'vqgan'}", flush=True)
+    print(f"== 1/4 training the VQGAN ({vq.train.steps} steps) -> {out / 'vqgan'}", flush=True)
     train(vq)
     tr = load_config("transformer-tiny", common + ["name=transformer", f"first_stage_ckpt={out / 'vqgan' / 'model'}"] + (
         [f"train.steps={args.transformer_steps}"] if args.transformer_steps else []))
-    print(f"== 2/3 training the transformer ({tr.train.steps} steps) -> {out / 'transformer'}", flush=True)
+    print(f"== 2/4 training the transformer ({tr.train.steps} steps) -> {out / 'transformer'}", flush=True)
     train(tr)
-    print("== 3/3 sampling one row per class", flush=True)
+    print("== 3/4 sampling one row per class", flush=True)
     model = build_model_from_folder(out / "transformer" / "model").eval()
     gen = torch.Generator().manual_seed(0)
     n_classes = tr.transformer.condition.n_classes
@@ -41,4 +42,7 @@ def run(args) -> int:
     save_grid(images, out / "samples.png", nrow=8)
     print(f"wrote {out / 'samples.png'} (rows = classes 0..{n_classes - 1}); reconstructions and training "
           f"samples are under {out}/*/images/")
+    print("== 4/4 the report of both runs", flush=True)
+    report = write_report(out)
+    print(f"wrote {report}: open file://{report.resolve()} in a browser (no server needed)")
     return 0

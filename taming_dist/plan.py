@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from taming_dist.config import EngineConfig, RunConfig
+from taming_dist.config import EngineConfig, RunConfig, batch_layout
 from taming_dist.engines.base import param_groups
 
 GiB = 2**30
@@ -264,7 +264,7 @@ def plan(cfg: RunConfig, world: int, engines=ENGINES, micro_batch: int | None = 
     engine's activations are the largest unit's."""
     if world < 1:
         raise ValueError(f"--world must be >= 1, got {world}")
-    B = micro_batch or cfg.train.micro_batch_size
+    B = micro_batch or batch_layout(cfg.train, world)[0]  # the micro batch a run at `world` ranks uses
     units, frozen = build_units(cfg)
     use_ac = cfg.engine.activation_checkpointing
     rows = []

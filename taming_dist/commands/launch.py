@@ -27,6 +27,9 @@ def _resources(parser) -> None:
     g.add_argument("--job-name", default="taming-dist")
     g.add_argument("--signal-delay-s", type=int, default=120,
                    help="seconds before the time limit at which training checkpoints and requeues (default 120)")
+    g.add_argument("--max-failures", type=int, default=2,
+                   help="requeues after a rank failure (a rank died or raised) before the job ends as FAILED; "
+                        "stops on the time-limit or preemption signal never count (default 2)")
     g.add_argument("--master-addr", default=None,
                    help="rank 0's address when node names do not resolve (default: first host of the job)")
     parser.add_argument("--resume", default="auto",
@@ -56,7 +59,8 @@ def _resource_kwargs(args) -> dict:
     return dict(nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
                 cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb, partition=args.partition,
                 account=args.account, qos=args.qos, time_min=args.time_min, constraint=args.constraint,
-                extra_sbatch=args.sbatch, job_name=args.job_name, signal_delay_s=args.signal_delay_s)
+                extra_sbatch=args.sbatch, job_name=args.job_name, signal_delay_s=args.signal_delay_s,
+                max_failures=args.max_failures)
 
 
 def run(args) -> int:

@@ -22,5 +22,28 @@ def run(args) -> int:
         return 0
     from taming_dist.train.loop import train
 
-    result = train(cfg, resume=args.resume)
+    try:
+        result = train(cfg, resume=args.resume)
+    except BaseException:
+        _exit_now_if_distributed()
+        raise
     return EXIT_STOPPED if "stopped_at" in result else 0
+
+
+def _exit_now_if_distributed() -> None:
+    """A rank that failed (an exception, a collective that timed out because a peer died or hung)
+    leaves at once with status 1 and its traceback, instead of running interpreter shutdown, where a
+    process group, loader workers or wandb can block it: the launcher (srun --kill-on-bad-exit,
+    torchrun, the deepspeed launcher) sees the failure and ends the other ranks."""
+    import os
+    import sys
+    import traceback
+
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        rank = dist.get_rank()
+        print(f"rank {rank}: training failed, exiting now (status 1):\n{traceback.format_exc()}", file=sys.stderr,
+              flush=True)
+        sys.stdout.flush()
+        os._exit(1)

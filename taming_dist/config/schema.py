@@ -60,10 +60,19 @@ class QuantizerConfig:
     # vq/ema only: restart codes whose EMA usage, relative to a uniform assignment (1.0 = an
     # average code), falls below this (0 = never)
     dead_code_threshold: float = 0.0
+    # vq/ema/l2: at the first training step, set the codebook to the k-means centres (kmeans_iters
+    # Lloyd iterations) of that global batch's encoder outputs
+    kmeans_init: bool = False
+    kmeans_iters: int = 10
+    # codebook usage over the last usage_window training tokens of all ranks (logged as window_usage)
+    usage_window: int = 65536
 
     def validate(self) -> None:
         if self.kind not in ("vq", "ema", "gumbel", "l2"):
             raise ValueError(f"quantizer.kind {self.kind!r} is not one of vq, ema, gumbel, l2")
+        if self.kmeans_iters < 1 or self.usage_window < 1:
+            raise ValueError(f"quantizer.kmeans_iters ({self.kmeans_iters}) and quantizer.usage_window "
+                             f"({self.usage_window}) must be at least 1")
 
 
 @dataclass
@@ -210,10 +219,16 @@ class DataConfig:
     synthetic_samples: int = 4096
     synthetic_classes: int = 12
     eval_path: str = ""
+    split: str = "train"  # synthetic only: train | heldout (other seeds, the same classes)
 
     def validate(self) -> None:
         if self.kind not in ("synthetic", "shards", "codes"):
             raise ValueError(f"data.kind {self.kind!r} is not one of synthetic, shards, codes")
+        if self.split not in ("train", "heldout"):
+            raise ValueError(f"data.split {self.split!r} is not one of train, heldout")
+        if self.split != "train" and self.kind != "synthetic":
+            raise ValueError(f"data.split={self.split} selects a split of the built-in data (data.kind=synthetic); "
+                             f"for data.kind={self.kind} point data.path at the held-out shards instead")
         if self.mode not in ("resampled", "epoch"):
             raise ValueError(f"data.mode {self.mode!r} is not one of resampled, epoch")
         if self.kind != "synthetic" and not self.path:
@@ -240,6 +255,13 @@ class EngineConfig:
     # stage's input shapes are fixed, so tuning once pays off)
     tf32: bool = True
     cudnn_benchmark: bool = True
+    # Seconds a collective may wait before it fails (gloo raises; NCCL's watchdog aborts the
+    # communicator and ends the process), so a rank that hangs or dies cannot hold the other ranks'
+    # GPUs for long. The steady-state value applies from the second step on; start-up (process
+    # group, model build, checkpoint load, the first step's compilation) and checkpoint / export
+    # writes get the longer one.
+    collective_timeout_s: int = 300
+    startup_timeout_s: int = 1800
 
     def validate(self) -> None:
         if self.kind not in ("single", "ddp", "fsdp", "deepspeed"):
@@ -263,6 +285,9 @@ class EngineConfig:
             raise ValueError("engine.offload_params=cpu needs engine.zero_stage=3 (parameters are only partitioned there)")
         if self.fsdp_shard_size and self.kind != "fsdp":
             raise ValueError(f"engine.fsdp_shard_size is an FSDP2 setting; engine.kind is {self.kind}")
+        for key in ("collective_timeout_s", "startup_timeout_s"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"engine.{key} {getattr(self, key)} must be at least 1 second")
 
 
 @dataclass
@@ -282,7 +307,11 @@ class OptimConfig:
 class TrainConfig:
     steps: int = 1000
     global_batch_size: int = 8
-    micro_batch_size: int = 8
+    # Per-rank batch of one forward/backward. Unset (the default): global_batch_size / data-parallel
+    # size, split into gradient-accumulation micro-steps when that exceeds max_micro_batch_size.
+    # Set: used as given (global_batch_size must be a multiple of it x data-parallel size).
+    micro_batch_size: Optional[int] = None
+    max_micro_batch_size: Optional[int] = None  # per-device memory limit for the derived micro batch
     seed: int = 0
     log_every: int = 10
     image_every: int = 500
@@ -334,13 +363,6 @@ class RunConfig:
         self.data.validate()
         self.engine.validate()
         self.logging.validate()
-        q = self.vqgan.quantizer
-        if self.stage == "vqgan" and q.kind == "vq" and q.dead_code_threshold > 0 and self.engine.kind in ("fsdp", "deepspeed"):
-            raise ValueError(
-                f"quantizer.dead_code_threshold > 0 with kind=vq rewrites codebook parameters in forward, which "
-                f"engine.kind={self.engine.kind} would undo (sharded copies, fp32 master weights); use "
-                "quantizer.kind=ema (codebook in buffers) or engine.kind=ddp"
-            )
         if self.stage == "vqgan" and self.loss.discriminator.norm == "actnorm" and self.engine.kind in ("fsdp", "deepspeed"):
             # ActNorm's data-dependent init copies batch statistics into its parameters inside forward;
             # FSDP2 writes them into a transient unsharded copy and DeepSpeed's fp32 master weights
@@ -351,8 +373,41 @@ class RunConfig:
                 "loss.discriminator.norm=batch or none, or engine.kind=ddp"
             )
         t = self.train
-        if t.global_batch_size % t.micro_batch_size:
+        for key in ("global_batch_size", "micro_batch_size", "max_micro_batch_size"):
+            if getattr(t, key) is not None and getattr(t, key) < 1:
+                raise ValueError(f"train.{key} {getattr(t, key)} must be at least 1")
+        if t.micro_batch_size is not None and t.global_batch_size % t.micro_batch_size:
             raise ValueError(
                 f"train.global_batch_size {t.global_batch_size} is not divisible by "
                 f"train.micro_batch_size {t.micro_batch_size}"
             )
+        if t.micro_batch_size is not None and t.max_micro_batch_size is not None \
+                and t.micro_batch_size > t.max_micro_batch_size:
+            raise ValueError(f"train.micro_batch_size {t.micro_batch_size} exceeds train.max_micro_batch_size "
+                             f"{t.max_micro_batch_size}: set one of them")
+
+
+def batch_layout(train: TrainConfig, dp_size: int) -> tuple[int, int]:
+    """(micro batch per rank, gradient-accumulation micro-steps) of `train` on `dp_size`
+    data-parallel ranks, so that micro x steps x dp_size = global_batch_size.
+
+    An explicit train.micro_batch_size is used as given. Otherwise the per-rank share of the global
+    batch is one micro batch, or, above train.max_micro_batch_size, the fewest equal micro-steps
+    that bring it under the limit (the step count divides the share, so every micro-step is full).
+    """
+    g = train.global_batch_size
+    if train.micro_batch_size is not None:
+        per_step = train.micro_batch_size * dp_size
+        if g % per_step:
+            raise ValueError(
+                f"train.global_batch_size {g} is not divisible by train.micro_batch_size "
+                f"{train.micro_batch_size} x data-parallel size {dp_size}: leave train.micro_batch_size unset "
+                f"to derive it from the global batch, or set it so that global = micro x {dp_size} x accumulation")
+        return train.micro_batch_size, g // per_step
+    if g % dp_size:
+        raise ValueError(f"train.global_batch_size {g} is not divisible by the data-parallel size {dp_size}: "
+                         f"use a global batch that is a multiple of the number of ranks")
+    share = g // dp_size
+    limit = train.max_micro_batch_size or share
+    steps = next(a for a in range(1, share + 1) if share % a == 0 and share // a <= limit)
+    return share // steps, steps

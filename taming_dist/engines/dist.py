@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -118,6 +119,9 @@ def init_distributed(env: DistEnv, timeout_s: int = 1800) -> torch.device:
     device = device_for(env)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    # A failed or timed-out NCCL collective aborts its communicator and ends the process (1 =
+    # TearDown), instead of leaving the rank blocked while it holds its GPU. gloo raises instead.
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     if env.is_distributed and not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", env.master_addr)
         os.environ.setdefault("MASTER_PORT", str(env.master_port))
@@ -131,6 +135,32 @@ def init_distributed(env: DistEnv, timeout_s: int = 1800) -> torch.device:
             device_id=device if device.type == "cuda" else None,
         )
     return device
+
+
+def set_collective_timeout(seconds: float) -> None:
+    """Timeout of every later collective on every process group this rank belongs to (the default
+    group, FSDP2's mesh groups, DeepSpeed's): a rank that hangs or died makes the others fail after
+    `seconds` instead of the 30 minutes of the default."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    from torch.distributed import distributed_c10d as c10d
+
+    groups = list(getattr(c10d._world, "pg_map", {})) or [c10d._get_default_group()]
+    for group in groups:
+        group.set_timeout(datetime.timedelta(seconds=seconds))
+
+
+@contextmanager
+def long_collectives(cfg):
+    """engine.startup_timeout_s for a block (checkpoint writes, exports, image grids), then back to
+    engine.collective_timeout_s."""
+    set_collective_timeout(cfg.engine.startup_timeout_s)
+    try:
+        yield
+    finally:
+        set_collective_timeout(cfg.engine.collective_timeout_s)
 
 
 def ensure_process_group(device: torch.device) -> None:

@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from taming_dist.launch.requeue import DEFAULT_MAX_FAILURES, shell_setup
 from taming_dist.train import EXIT_STOPPED
 
 # sbatch options the launchers set themselves: passing them as extras would break rank layout,
@@ -62,6 +63,9 @@ class SlurmResources:
     job_name: str = "taming-dist"
     # Seconds between the stop signal and the time limit: must cover one step plus a checkpoint write.
     signal_delay_s: int = 120
+    # Requeues after a rank failure (a rank died or raised) before the job ends as FAILED; stops on
+    # the signal (preemption, time limit) never count (taming_dist/launch/requeue.py).
+    max_failures: int = DEFAULT_MAX_FAILURES
 
     def __post_init__(self):
         object.__setattr__(self, "extra_sbatch", parse_extra_sbatch(self.extra_sbatch))
@@ -78,6 +82,8 @@ class SlurmResources:
             raise ValueError(f"cpus_per_task={self.cpus_per_task}: need at least 1")
         if self.mem_gb is not None and self.mem_gb <= 0:
             raise ValueError(f"mem_gb={self.mem_gb}: must be positive (or unset for the partition default)")
+        if self.max_failures < 0:
+            raise ValueError(f"max_failures={self.max_failures}: must be >= 0 (0 = never requeue a failed job)")
         if self.signal_delay_s < 1:
             raise ValueError(f"signal_delay_s={self.signal_delay_s}: must be at least 1 second")
         if self.time_min * 60 <= self.signal_delay_s:
@@ -92,6 +98,14 @@ class SlurmResources:
     @property
     def world_size(self) -> int:
         return self.nodes * self.ntasks_per_node
+
+
+def run_dir_of(config: str, overrides, base: str | Path) -> Path:
+    """The absolute run folder (out_dir/name) the job will train in, with `base` as its working folder."""
+    from taming_dist.config import load_config
+
+    cfg = load_config(config, list(overrides))
+    return (Path(base) / cfg.out_dir / cfg.name).resolve()
 
 
 def _time(minutes: int) -> str:
@@ -185,24 +199,29 @@ def render_script(config: str, overrides: list[str] | tuple = (), res: SlurmReso
         L += ["# First start: --resume as given; a requeued run (SLURM_RESTART_COUNT > 0) continues from its",
               "# own latest checkpoint instead of going back to that starting point.",
               f'if [ "${{SLURM_RESTART_COUNT:-0}}" -eq 0 ]; then RESUME={shlex.quote(resume)}; else RESUME=auto; fi']
+    run_dir = run_dir_of(config, overrides, chdir)
     L += ["",
-          "# One srun task per GPU, all running the same command. No --kill-on-bad-exit: the rank that",
-          f"# exits first with status {EXIT_STOPPED} would make srun kill the others and report 143 instead",
-          f"# of {EXIT_STOPPED}.",
-          f'srun "$PYTHON" -m taming_dist train {shlex.quote(config)} \\']
+          "# Stop marker: after the last checkpoint of a stop on the signal, rank 0 writes this file, which",
+          "# tells that stop apart from a failure below (srun's status cannot: see the srun line).",
+          *shell_setup(run_dir),
+          "",
+          "# One srun task per GPU, all running the same command. --kill-on-bad-exit: when one rank dies",
+          "# (kill -9, OOM kill, GPU fault) or fails, SLURM ends the others at once instead of leaving them",
+          "# blocked in a collective while they hold their GPUs.",
+          f'srun --kill-on-bad-exit=1 "$PYTHON" -m taming_dist train {shlex.quote(config)} \\']
     L += [f"    {shlex.quote(o)} \\" for o in overrides]
     L += ['    --resume "$RESUME"',
           "status=$?",
           "",
-          f'if [ "$status" -eq {EXIT_STOPPED} ]; then',
-          "    # Stopped on the signal with a checkpoint written. Requeue: the job returns to the queue with",
-          "    # the same id (SLURM holds it back for about 2 minutes; a few seconds after the requeue,",
-          "    # `scontrol update JobId=ID StartTime=now` releases it) and `train` resumes from the latest",
-          "    # checkpoint. A cancelled job never gets here: scancel also stops this batch shell.",
-          f'    echo "training stopped with a checkpoint (status {EXIT_STOPPED}): requeueing job $SLURM_JOB_ID"',
-          '    scontrol requeue "$SLURM_JOB_ID"',
-          "fi",
-          'exit "$status"',
+          "# Then: with the stop marker, requeue (the job returns to the queue with the same id; SLURM holds",
+          "# it back about 2 minutes, `scontrol update JobId=ID StartTime=now` releases it) and resume from",
+          f"# the latest checkpoint, exit {EXIT_STOPPED}; without it and status 0, done; otherwise a rank failed:",
+          f"# requeue and resume up to {res.max_failures} time(s) (--max-failures), then end as FAILED. Each",
+          "# decision goes to this log and to the run's log.txt. A cancelled job never gets here: scancel",
+          "# also stops this batch shell.",
+          f'"$PYTHON" -m taming_dist.launch.requeue --status "$status" --run-dir {shlex.quote(str(run_dir))} '
+          f'--max-failures {res.max_failures}',
+          'exit $?',
           ""]
     return "\n".join(L)
 

@@ -9,10 +9,13 @@ How a stop travels:
    replaces it: a signal that arrives while the job starts up is held and replayed once the training
    loop has installed its own handler; the loop sets a flag on every rank, all-reduces it each step,
    and all ranks save at the same step (taming_dist/train/loop.py).
-3. train() returns with "stopped_at". Rank 0 runs `scontrol requeue $SLURM_JOB_ID` if the job is still
-   RUNNING (a cancelled or timed-out job stays ended) and every rank exits with status 75 without
-   writing a submitit result, so `job.result()` waits for the requeued run.
-4. SLURM starts the job again with the same id and the same pickled TrainJob; train() resumes from the
+3. train() returns with "stopped_at" after rank 0 wrote the stop marker, and every rank exits with
+   status 75 without writing a submitit result, so `job.result()` waits for the requeued run.
+4. srun returns (it runs with --kill-on-bad-exit) and the job's teardown lines run
+   taming_dist/launch/requeue.py in the batch shell, as the generated sbatch script does: with the
+   marker it runs `scontrol requeue $SLURM_JOB_ID` if the job is still RUNNING (a cancelled or
+   timed-out job stays ended); without it, a failed srun is requeued up to `max_failures` times.
+5. SLURM starts the job again with the same id and the same pickled TrainJob; train() resumes from the
    run's latest checkpoint. Our handler never calls submitit's, so stops do not count against
    submitit's max_num_timeout.
 """
@@ -28,6 +31,7 @@ from dataclasses import dataclass, field
 
 # Nothing here imports torch at module level: submitit unpickles the job (importing this module)
 # before it installs any signal handler, and a stop signal in that window kills the task outright.
+from taming_dist.launch.requeue import DEFAULT_MAX_FAILURES, shell_setup
 from taming_dist.launch.sbatch import SlurmResources
 from taming_dist.train import EXIT_STOPPED
 
@@ -113,10 +117,8 @@ class TrainJob:
         result = train(load_config(self.config, self.overrides), resume=resume)
         _destroy_process_group()
         if "stopped_at" in result:
-            if job_env.global_rank == 0:
-                requeue_if_running(job_env.job_id)
             # SystemExit passes through submitit's `except Exception`: no result is written for this
-            # run, so the submitter keeps waiting for the requeued one.
+            # run, so the submitter keeps waiting for the requeued one (the teardown requeues it).
             sys.exit(EXIT_STOPPED)
         return result
 
@@ -133,26 +135,38 @@ def submit(config: str, overrides: list[str] | tuple = (), *, nodes: int = 1, gp
            partition: str | None = None, account: str | None = None, qos: str | None = None, time_min: int = 60,
            constraint: str | None = None, extra_sbatch: dict | list | None = None,
            folder: str = "slurm_logs/submitit/%j", job_name: str = "taming-dist", master_addr: str | None = None,
-           signal_delay_s: int = 120, resume: str = "auto", setup: list[str] | None = None):
+           signal_delay_s: int = 120, resume: str = "auto", setup: list[str] | None = None,
+           max_failures: int = DEFAULT_MAX_FAILURES):
     """Submit a training job; returns the submitit Job (job.job_id, job.paths.stdout/stderr).
 
     One task per GPU (gpus_per_node; tasks_per_node for CPU-only jobs), requeueable, with SIGUSR2
     `signal_delay_s` before `time_min`. `master_addr` overrides rank 0's address where node names do
-    not resolve; `setup` holds shell lines run before srun (module load, conda activate)."""
+    not resolve; `setup` holds shell lines run before srun (module load, conda activate). A rank
+    failure ends the other ranks at once (srun --kill-on-bad-exit) and requeues the job up to
+    `max_failures` times (taming_dist/launch/requeue.py)."""
+    import shlex
+
     import submitit
 
-    from taming_dist.config import load_config
+    from taming_dist.launch.sbatch import run_dir_of
 
     res = SlurmResources(nodes=nodes, gpus_per_node=gpus_per_node, tasks_per_node=tasks_per_node,
                          cpus_per_task=cpus_per_task, mem_gb=mem_gb, partition=partition, account=account, qos=qos,
                          time_min=time_min, constraint=constraint, extra_sbatch=extra_sbatch or {},
-                         job_name=job_name, signal_delay_s=signal_delay_s)
-    load_config(config, list(overrides))  # a typo in an override fails here, not in the queue
+                         job_name=job_name, signal_delay_s=signal_delay_s, max_failures=max_failures)
+    run_dir = run_dir_of(config, overrides, ".")  # a typo in an override fails here, not in the queue
     executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
-    slurm = {"partition": partition, "account": account, "qos": qos, "constraint": constraint, "setup": setup}
+    # After srun: the same requeue-or-fail step as the generated sbatch script, in the batch shell.
+    teardown = ["status=$?",
+                f"{shlex.quote(sys.executable)} -m taming_dist.launch.requeue --status \"$status\" "
+                f"--run-dir {shlex.quote(str(run_dir))} --max-failures {res.max_failures}",
+                "exit $?"]
+    slurm = {"partition": partition, "account": account, "qos": qos, "constraint": constraint}
     executor.update_parameters(
         name=job_name, nodes=res.nodes, tasks_per_node=res.ntasks_per_node, gpus_per_node=res.gpus_per_node or None,
         cpus_per_task=cpus_per_task, mem_gb=mem_gb, timeout_min=time_min, slurm_signal_delay_s=signal_delay_s,
         slurm_additional_parameters={"requeue": True, **res.extra_sbatch},
+        slurm_setup=[*(setup or []), *shell_setup(run_dir)], slurm_teardown=teardown,
+        slurm_srun_args=["--kill-on-bad-exit=1"],
         **{f"slurm_{k}": v for k, v in slurm.items() if v is not None})
     return executor.submit(TrainJob(config, list(overrides), resume, master_addr))

@@ -5,6 +5,9 @@ the environment decides rank and world size (engines/dist.py), the config decide
 """
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 import signal
 import time
 from pathlib import Path
@@ -12,8 +15,10 @@ from pathlib import Path
 import torch
 
 from taming_dist.checkpoint.manager import CheckpointManager
-from taming_dist.config import RunConfig, dump_config, to_dict
+from taming_dist.config import RunConfig, batch_layout, dump_config, to_dict
 from taming_dist.engines import build_engine, env_from_environ, init_distributed
+from taming_dist.engines.dist import long_collectives, set_collective_timeout
+from taming_dist.train import STOP_MARKER_ENV
 from taming_dist.logging import RunLogger, print0, set_rank
 
 
@@ -28,14 +33,13 @@ def build_task(cfg: RunConfig, engine, grad_accum: int):
 
 
 def grad_accum_steps(cfg: RunConfig, world_size: int) -> int:
-    t = cfg.train
-    per_step = t.micro_batch_size * world_size
-    if t.global_batch_size % per_step:
-        raise ValueError(
-            f"train.global_batch_size {t.global_batch_size} is not divisible by train.micro_batch_size "
-            f"{t.micro_batch_size} x data-parallel size {world_size}"
-        )
-    return t.global_batch_size // per_step
+    return batch_layout(cfg.train, world_size)[1]
+
+
+def resolve_batch(cfg: RunConfig, world_size: int) -> RunConfig:
+    """`cfg` with train.micro_batch_size filled in for `world_size` data-parallel ranks (config.batch_layout)."""
+    micro, _ = batch_layout(cfg.train, world_size)
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch_size=micro))
 
 
 class _StopFlag:
@@ -59,7 +63,10 @@ def train(cfg: RunConfig, resume: str = "auto") -> dict:
     none, or a checkpoint folder."""
     env = env_from_environ()
     set_rank(env.rank)
-    device = init_distributed(env)
+    cfg = resolve_batch(cfg, env.world_size)  # the micro batch for this world size (config.batch_layout)
+    # Start-up (rendezvous, model build, checkpoint load, the first step's compilation) runs under
+    # the long collective timeout; the steady one applies from the second step on.
+    device = init_distributed(env, timeout_s=cfg.engine.startup_timeout_s)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     engine = build_engine(cfg.engine, env, device)
     accum = grad_accum_steps(cfg, env.world_size)
@@ -82,14 +89,16 @@ def train(cfg: RunConfig, resume: str = "auto") -> dict:
         skipped_total = counters.get("skipped_total", 0)
         if "data" in extra:
             stream.load_state_dict(extra["data"])
-        print0(f"resumed from {path} at step {start}")
     if path is None:
         # Different seeds per rank for what follows init (dropout, pkeep); a resumed run instead
         # continues the RNG streams saved in the checkpoint.
         torch.manual_seed(cfg.train.seed * 1000 + env.rank)
+    print0(startup_summary(cfg, env, engine, task, stream, run_dir, path, start, accum))
 
     logger = RunLogger(run_dir, to_dict(cfg), is_main=engine.is_main, wandb_mode=cfg.logging.wandb_mode,
                        project=cfg.logging.project, total_steps=cfg.train.steps, progress=cfg.logging.progress)
+    if path is not None:
+        logger.text(f"resumed from {path} at step {start}")  # in log.txt too: `report` marks resumes
     stop = _StopFlag()
     unit_name, per_sample = task.work_per_sample()
     # MFU: FLOPs of one step counted once (FlopCounterMode for the VQGAN, 6N + attention for the
@@ -107,6 +116,8 @@ def train(cfg: RunConfig, resume: str = "auto") -> dict:
         micro = [next(batches) for _ in range(accum)]
         data_wait += time.perf_counter() - tw  # time blocked on the loader (not overlapped with compute)
         stats = task.train_step(micro, step)
+        if step == start:  # compiled and warmed up: hangs from here on fail after the steady timeout
+            set_collective_timeout(cfg.engine.collective_timeout_s)
         step += 1
         if stats.get("skipped", 0.0):
             bad_in_row += 1
@@ -135,20 +146,69 @@ def train(cfg: RunConfig, resume: str = "auto") -> dict:
             logger.log(step, metrics)
             t0, done_since_log, data_wait = time.time(), 0, 0.0
         if cfg.train.image_every and (step % cfg.train.image_every == 0 or step == cfg.train.steps):
-            for p in task.save_images(micro[0], step, run_dir / "images"):
-                logger.image(step, p.stem.split("_")[0], p)
+            with long_collectives(cfg):  # sampling a grid may take a while on every rank
+                for p in task.save_images(micro[0], step, run_dir / "images"):
+                    logger.image(step, p.stem.split("_")[0], p)
         stop_now = _all_true(engine, stop.set)
         if stop_now or step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:
-            ckpt.save(step, task.units, {"skipped_total": skipped_total},
-                      {"data": stream.state_dict()} if hasattr(stream, "state_dict") else {})
+            with long_collectives(cfg):
+                ckpt.save(step, task.units, {"skipped_total": skipped_total},
+                          {"data": stream.state_dict()} if hasattr(stream, "state_dict") else {})
         if stop_now:
             logger.text(f"stop signal received: checkpoint written at step {step}, exiting for requeue")
             logger.close()
+            _write_stop_marker(engine, run_dir, step)
             return {**metrics, "stopped_at": step}
-    task.export(run_dir / "model")
-    engine.barrier()
+    with long_collectives(cfg):
+        task.export(run_dir / "model")
+        engine.barrier()
     logger.close()
     return metrics
+
+
+def _write_stop_marker(engine, run_dir: Path, step: int) -> None:
+    """Tell the launcher's after-srun step (taming_dist/launch/requeue.py) that this run stopped on
+    the signal with a complete checkpoint, so it requeues without counting a failure. Written by
+    rank 0 after the checkpoint's own barrier, then one more barrier: once any rank exits (and
+    srun --kill-on-bad-exit may take the rest down) the marker and the checkpoint both exist."""
+    marker = os.environ.get(STOP_MARKER_ENV)
+    if marker and engine.is_main:
+        Path(marker).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(marker + ".tmp")
+        tmp.write_text(json.dumps({"step": step, "run_dir": str(run_dir)}) + "\n")
+        tmp.replace(marker)
+    engine.barrier()
+
+
+def startup_summary(cfg: RunConfig, env, engine, task, stream, run_dir: Path, resumed_from, start: int,
+                    accum: int) -> str:
+    """The one block rank 0 prints before the first step: where, what, on what, how much."""
+    layout = getattr(engine, "layout", f"{env.world_size} rank(s)")
+    e = cfg.engine
+    kind = e.kind + (f" ZeRO-{e.zero_stage}" if e.kind == "deepspeed" else "")
+    params = ", ".join(f"{name} {_count_params(u.raw) / 1e6:.2f}M" for name, u in task.units.items())
+    d = cfg.data
+    where = d.path or "built-in synthetic shards"
+    samples = (getattr(stream, "manifest", None) or {}).get("total", "?")
+    classes = getattr(stream, "num_classes", 0) or "-"
+    t = cfg.train
+    lines = [
+        f"run folder: {run_dir.resolve()}",
+        f"resume: {f'{resumed_from} (step {start})' if resumed_from is not None else 'none (fresh start)'}",
+        f"engine: {kind}, {e.precision}, world size {env.world_size} (launched by {env.source}), {layout}"
+        + (", compiled" if e.compile else "") + (", activation checkpointing" if e.activation_checkpointing else ""),
+        f"parameters: {params}",
+        f"data: {d.kind} from {where}, {samples} samples, {classes} classes, {d.size}px",
+        f"steps: {start} -> {t.steps}; batch: global {t.global_batch_size} = micro {t.micro_batch_size} x "
+        f"{env.world_size} rank(s) x {accum} accumulation step(s)",
+        f"collective timeout: {e.startup_timeout_s}s at start-up and checkpoints, {e.collective_timeout_s}s per step",
+    ]
+    return "\n".join(["== taming-dist train " + "=" * 40, *lines, "=" * 61])
+
+
+def _count_params(module) -> int:
+    # ZeRO-3 leaves each rank a partition; ds_numel is the full size. DTensors report the full numel.
+    return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
 
 
 def _resume_path(ckpt: CheckpointManager, resume: str):

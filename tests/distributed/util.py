@@ -37,3 +37,31 @@ def run(args: list[str], nproc: int = 1, timeout: int = 600, cwd=None, env=None)
     if p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-8000:]}")
     return p
+
+
+def pids_with_env(**match: str) -> list[int]:
+    """Python processes whose environment holds every KEY=value of `match` (a test tags the processes
+    it starts with a unique variable, and picks a rank by RANK or SLURM_PROCID)."""
+    want = {f"{k}={v}".encode() for k, v in match.items()}
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            if b"python" not in (d / "cmdline").read_bytes():
+                continue
+            if want <= set((d / "environ").read_bytes().split(b"\0")):
+                found.append(int(d.name))
+        except OSError:  # gone, or not ours to read
+            continue
+    return found
+
+
+def step_lines(run_dir: Path) -> list[dict]:
+    """The metric lines of a run's log.txt, in the order written."""
+    import json
+
+    log = Path(run_dir) / "log.txt"
+    if not log.exists():
+        return []
+    return [json.loads(line) for line in log.read_text().splitlines() if line.startswith('{"step"')]

@@ -15,8 +15,9 @@ TINY = ["vqgan.ddconfig.ch=32", "vqgan.ddconfig.ch_mult=[1,2]", "vqgan.ddconfig.
         "vqgan.ddconfig.attn_resolutions=[8]", "loss.disc_start=0", "loss.discriminator.n_layers=1",
         "train.global_batch_size=4", "train.micro_batch_size=2", "train.image_every=0", "train.ema_decay=0.5",
         "logging.wandb_mode=disabled", "logging.progress=false", "data.synthetic_samples=256", "train.steps=2"]
-ENGINES = {"single": (["engine.kind=single"], 1), "ddp": (["engine.kind=ddp"], 2), "fsdp": (["engine.kind=fsdp"], 2),
-           "zero1": (["engine.kind=deepspeed", "engine.zero_stage=1"], 2),
+# One engine per checkpoint layout: DDP writes single's (full tensors in one DCP save) and ZeRO-1's
+# model/EMA files are ZeRO-2's (only the optimizer state is partitioned in both).
+ENGINES = {"single": (["engine.kind=single"], 1), "fsdp": (["engine.kind=fsdp"], 2),
            "zero2": (["engine.kind=deepspeed", "engine.zero_stage=2"], 2),
            "zero3": (["engine.kind=deepspeed", "engine.zero_stage=3"], 2)}
 

@@ -89,15 +89,22 @@ def test_kill_9_during_checkpoint_write_keeps_previous(tmp_path):
     assert not (ck / "step_000004.tmp").exists()
 
 
-def test_fsdp_resume_on_one_rank_reshards(tmp_path):
-    train(tmp_path, "f", 2, ["engine.kind=fsdp"], 2)
+def test_fsdp_resume_on_one_rank_reshards_and_keeps_the_global_batch(tmp_path):
+    derived = ["train.micro_batch_size=null"]  # as the presets: the micro batch follows the world size
+    p = train(tmp_path, "f", 2, ["engine.kind=fsdp"], 2, derived)
+    assert "batch: global 4 = micro 2 x 2 rank(s) x 1 accumulation step(s)" in p.stdout
     two = load_file(tmp_path / "f" / "model" / "model.safetensors")
     os.remove(tmp_path / "f" / "model" / "model.safetensors")
-    p = train(tmp_path, "f", 2, ["engine.kind=fsdp"], 1)  # loads step 2 on 1 rank, nothing left to train
+    p = train(tmp_path, "f", 2, ["engine.kind=fsdp"], 1, derived)  # loads step 2 on 1 rank, nothing left to train
     assert "resumed from" in p.stdout
     one = load_file(tmp_path / "f" / "model" / "model.safetensors")
     for k in two:
         assert (two[k] == one[k]).all(), k
+    # the same command, nothing edited, trains on: the global batch of 4 is one rank's micro batch now,
+    # or two micro-steps under a per-device limit
+    p = train(tmp_path, "f", 3, ["engine.kind=fsdp"], 1, [*derived, "train.max_micro_batch_size=2"])
+    assert "batch: global 4 = micro 2 x 1 rank(s) x 2 accumulation step(s)" in p.stdout
+    assert sorted(losses(tmp_path / "f")) == [1, 2, 3]
 
 
 def test_deepspeed_other_world_size_explains_conversion(tmp_path):

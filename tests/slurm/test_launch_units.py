@@ -1,6 +1,7 @@
 """Fast tests of the launchers without SLURM: resources, the sbatch script (its text, and its control
 flow run by bash against stand-in srun/scontrol programs), the rank environment of a submitit task,
 signals held during start-up, the requeue decision, and the files of the top-level launch/ folder."""
+import json
 import os
 import re
 import signal
@@ -11,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from taming_dist.launch.requeue import decide
 from taming_dist.launch.sbatch import SlurmResources, log_path, parse_extra_sbatch, render_script, write_script
 from taming_dist.launch.submitit_launcher import _HeldSignals, dist_environ, requeue_if_running
 from tests.distributed.util import REPO
@@ -68,42 +70,94 @@ def test_script_text(tmp_path):
         render_script("vqgan-tiny", [], signal="HUP")
 
 
-def _run_script(tmp_path, text, srun_status, restart_count=0):
-    """Run the script's body with stand-in `srun` (records its arguments, exits `srun_status`) and
-    `scontrol` (records its arguments)."""
+def _run_script(tmp_path, text, srun_status, restart_count=0, stop_at=None):
+    """Run the script's body with stand-in `srun` (records its arguments and environment's stop marker,
+    writes the marker when `stop_at` is a step, exits `srun_status`) and `scontrol` (records its
+    arguments; the job is RUNNING)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
-    for name, status in (("srun", srun_status), ("scontrol", 0)):
-        (bin_dir / name).write_text(f'#!/bin/bash\necho "$@" >> {tmp_path}/{name}.calls\nexit {status}\n')
+    marker = f'echo \'{{"step": {stop_at}}}\' > "$TAMING_DIST_STOP_MARKER"\n' if stop_at is not None else ""
+    (bin_dir / "srun").write_text(f'#!/bin/bash\necho "$@" >> {tmp_path}/srun.calls\n'
+                                  f'echo "$TAMING_DIST_STOP_MARKER" > {tmp_path}/marker.path\n{marker}'
+                                  f'exit {srun_status}\n')
+    (bin_dir / "scontrol").write_text(f'#!/bin/bash\necho "$@" >> {tmp_path}/scontrol.calls\n'
+                                      'if [ "$1" = show ]; then echo "JobId=42 JobState=RUNNING"; fi\n')
+    for name in ("srun", "scontrol"):
         (bin_dir / name).chmod(0o755)
-    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "42", "SLURM_RESTART_COUNT": str(restart_count)}
+    for name in ("srun.calls", "scontrol.calls"):
+        (tmp_path / name).unlink(missing_ok=True)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "42", "SLURM_RESTART_COUNT": str(restart_count),
+           "PYTHONPATH": str(REPO)}
     p = subprocess.run(["bash", write_script(tmp_path / "job.sh", text)], env=env, capture_output=True, text=True)
 
     def calls(name):
         f = tmp_path / f"{name}.calls"
         return f.read_text().splitlines() if f.exists() else []
-    return p.returncode, calls("srun"), calls("scontrol")
+    return SimpleNamespace(status=p.returncode, srun=calls("srun"), requeued="requeue 42" in calls("scontrol"),
+                           out=p.stdout + p.stderr, marker=(tmp_path / "marker.path").read_text().strip())
 
 
-def test_script_requeues_only_on_status_75(tmp_path):
-    text = _script(tmp_path)
-    status, srun, scontrol = _run_script(tmp_path, text, 75)
-    assert status == 75 and scontrol == ["requeue 42"]
-    assert srun == ["/opt/venv/bin/python -m taming_dist train vqgan-tiny train.steps=10 "
-                    "vqgan.ddconfig.ch_mult=[1,2] --resume auto"]
+def _local_script(tmp_path, **kw):
+    res = SlurmResources(tasks_per_node=2, time_min=10, job_name="vq", max_failures=2)
+    return render_script("vqgan-tiny", ["train.steps=10", f"out_dir={tmp_path}/runs", "name=r"], res,
+                         chdir=tmp_path, python=sys.executable, **kw)
+
+
+def test_script_requeues_a_stop_and_at_most_max_failures_failures(tmp_path):
+    text = _local_script(tmp_path)
+    run_dir = tmp_path / "runs" / "r"
+    run_dir.mkdir(parents=True)
+    # a stop on the signal: the marker decides, whatever srun reports (--kill-on-bad-exit may say 143)
+    r = _run_script(tmp_path, text, 143, stop_at=6)
+    assert r.status == 75 and r.requeued, r.out
+    assert r.srun == [f"--kill-on-bad-exit=1 {sys.executable} -m taming_dist train vqgan-tiny train.steps=10 "
+                      f"out_dir={tmp_path}/runs name=r --resume auto"]
+    assert r.marker == f"{run_dir}/launch/42.0.stopped"
+    assert "training stopped with a checkpoint (status 75) at step 6: requeueing job 42" in r.out
     assert (tmp_path / "slurm_logs").is_dir()  # write_script made the log folder SLURM will not create
-    for srun_status in (0, 1):
-        (tmp_path / "scontrol.calls").unlink(missing_ok=True)
-        status, _, scontrol = _run_script(tmp_path, text, srun_status)
-        assert status == srun_status and scontrol == []
+    # finished
+    r = _run_script(tmp_path, text, 0, restart_count=1)
+    assert r.status == 0 and not r.requeued and r.marker == f"{run_dir}/launch/42.1.stopped"
+    # rank failures: requeued twice (--max-failures 2), the third ends the job with srun's status
+    for n, restart in ((1, 2), (2, 3)):
+        r = _run_script(tmp_path, text, 137, restart_count=restart)
+        assert r.status == 137 and r.requeued, r.out
+        assert f"rank failure {n} of at most 2 (--max-failures) in job 42: srun exited with status 137" in r.out
+    r = _run_script(tmp_path, text, 137, restart_count=4)
+    assert r.status == 137 and not r.requeued
+    assert "rank failure 3 in job 42 is past --max-failures 2" in r.out
+    # a stale marker of an earlier run of the job does not count as this run's stop
+    (run_dir / "launch" / "42.5.stopped").write_text('{"step": 1}')
+    r = _run_script(tmp_path, text, 1, restart_count=5)
+    assert not r.requeued and "past --max-failures" in r.out
+    messages = [json.loads(line)["message"] for line in (run_dir / "log.txt").read_text().splitlines()]
+    assert [m.split(":")[0] for m in messages] == [
+        "training stopped with a checkpoint (status 75) at step 6", "rank failure 1 of at most 2 (--max-failures) in job 42",
+        "rank failure 2 of at most 2 (--max-failures) in job 42", "rank failure 3 in job 42 is past --max-failures 2",
+        "rank failure 4 in job 42 is past --max-failures 2"]
+
+
+@pytest.mark.parametrize("status,stopped,failures,expected", [
+    (143, {"step": 4}, 5, ("requeue", 75, 5)),  # stops never count, even after failures
+    (0, None, 1, ("finish", 0, 1)),
+    (9, None, 0, ("requeue", 9, 1)),
+    (9, None, 1, ("fail", 9, 2)),
+])
+def test_requeue_decision(status, stopped, failures, expected):
+    d = decide(status, stopped, failures, max_failures=1, job_id="7")
+    assert (d.action, d.exit_status, d.failures) == expected
+
+
+def test_max_failures_zero_never_requeues_a_failure_and_negative_is_refused(tmp_path):
+    assert decide(1, None, 0, max_failures=0, job_id="7").action == "fail"
+    with pytest.raises(ValueError, match="max_failures=-1"):
+        SlurmResources(max_failures=-1)
 
 
 def test_script_resume_from_a_checkpoint_only_on_first_start(tmp_path):
-    text = _script(tmp_path, resume="/ck/step_000100")
-    _, srun, _ = _run_script(tmp_path, text, 0, restart_count=0)
-    assert srun[-1].endswith("--resume /ck/step_000100")
-    _, srun, _ = _run_script(tmp_path, text, 0, restart_count=1)
-    assert srun[-1].endswith("--resume auto")
+    text = _local_script(tmp_path, resume="/ck/step_000100")
+    assert _run_script(tmp_path, text, 0, restart_count=0).srun[-1].endswith("--resume /ck/step_000100")
+    assert _run_script(tmp_path, text, 0, restart_count=1).srun[-1].endswith("--resume auto")
 
 
 def test_submitit_task_environment():
@@ -195,7 +249,8 @@ def test_cli_submitit_passes_every_option(monkeypatch, capsys):
     assert calls == [("vqgan-tiny", ["train.steps=5"], dict(
         folder="slurm_logs/submitit/%j", master_addr="10.0.0.1", resume="none", setup=["module load cuda"], nodes=2,
         gpus_per_node=8, tasks_per_node=None, cpus_per_task=10, mem_gb=64.0, partition="gpu", account="acc", qos="high",
-        time_min=30, constraint="a100", extra_sbatch=["--exclusive"], job_name="taming-dist", signal_delay_s=120))]
+        time_min=30, constraint="a100", extra_sbatch=["--exclusive"], job_name="taming-dist", signal_delay_s=120,
+        max_failures=2))]
     out = capsys.readouterr().out
     assert "submitted job 77" in out and "/l/77_0_log.out" in out and "/l/77_0_log.err" in out
 

@@ -6,16 +6,19 @@ every step, since they train the same config at the same world size. Job states 
 `scontrol show job`: job.result() can hang on a job that died (platform facts).
 """
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 
 from taming_dist.launch.submitit_launcher import submit
-from tests.distributed.util import REPO
+from tests.distributed.util import REPO, pids_with_env
 
 pytestmark = pytest.mark.slow
 
@@ -155,7 +158,8 @@ def test_sbatch_script_preempted_requeues_and_resumes(slurm, straight, tmp_path)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, log.read_text()[-3000:])
     stop_step = assert_resumed_like(step_losses(straight[2]), tmp_path / "sbatch")
     text = log.read_text()
-    assert f"training stopped with a checkpoint (status 75): requeueing job {job_id}" in text
+    assert f"training stopped with a checkpoint (status 75) at step {stop_step}: requeueing job {job_id}" in text
+    assert not (tmp_path / "sbatch" / "launch" / f"{job_id}.failures").exists()  # a stop is not a failure
     assert f"at step {stop_step}" in text.split("resumed from")[1].splitlines()[0]
 
 
@@ -176,3 +180,101 @@ def test_two_simulated_nodes_one_task_each(slurm2, straight, tmp_path):
     assert latest_checkpoint_step(tmp_path / "two_nodes") == STEPS
     # world size 2 either way: the same losses as 2 tasks on one node
     assert step_losses(tmp_path / "two_nodes") == step_losses(straight[2])
+
+
+# -- a rank dies: the job ends within seconds, is requeued up to --max-failures, resumes -----------
+
+def kill_rank1(tag: str) -> int:
+    """kill -9 of the job's rank 1 training process (found by the test's tag in its environment)."""
+    deadline = time.time() + 30
+    while not (pids := pids_with_env(TD_TEST_TAG=tag, SLURM_PROCID="1")) and time.time() < deadline:
+        time.sleep(0.05)
+    assert len(pids) == 1, pids
+    os.kill(pids[0], signal.SIGKILL)
+    return pids[0]
+
+
+def left_running_within(cluster, job_id: str, seconds: float) -> float:
+    t0 = time.time()
+    wait_for(lambda: cluster.job(job_id).get("JobState") != "RUNNING", seconds, "job still RUNNING after a rank died",
+             cluster, job_id)
+    return time.time() - t0
+
+
+def release(cluster, job_id: str, restarts: str) -> None:
+    """Wait for the requeue, then start the job again at once (SLURM would hold it ~2 minutes)."""
+    info: dict = {}
+
+    def requeued() -> bool:
+        info.update(cluster.job(job_id))
+        return info.get("Restarts") == restarts or info.get("JobState") in ENDED
+    wait_for(requeued, 60, "not requeued", cluster, job_id)
+    assert info["Restarts"] == restarts, info
+    at = time.time()
+
+    def started() -> bool:
+        state = cluster.job(job_id).get("JobState")
+        if state == "PENDING" and time.time() > at + 2:  # see preempt(): not within the second of the requeue
+            cluster.cmd(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=False)
+        return state == "RUNNING"
+    wait_for(started, 120, "requeued job never started again", cluster, job_id)
+
+
+def last_loss_per_step(run_dir: Path) -> dict[int, float]:
+    return dict(step_losses(run_dir))  # a step logged twice (before the kill and after the resume): the later
+
+
+def test_sbatch_rank_killed_job_ends_requeues_and_resumes_like_an_unbroken_run(slurm, straight, tmp_path):
+    tag = uuid.uuid4().hex
+    env = {**slurm.env, "PYTHONUNBUFFERED": "1", "TD_TEST_TAG": tag}
+    run_dir = tmp_path / "killed"
+    p = subprocess.run([sys.executable, "-m", "taming_dist", "launch", "sbatch", "vqgan-tiny",
+                        *overrides(tmp_path, "killed"), "train.ckpt_every=2", "--tasks-per-node", "2",
+                        "--time-min", "10", "--max-failures", "1", "--job-name", "kill", "--out",
+                        str(tmp_path / "kill.sbatch"), "--chdir", str(tmp_path), "--submit"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    job_id = re.search(r"submitted job (\d+)", p.stdout).group(1)
+    log = tmp_path / "slurm_logs" / f"kill-{job_id}.out"
+    ckpts = run_dir / "checkpoints"
+    wait_for(lambda: (ckpts / "latest").exists(), 180, "no checkpoint written", slurm, job_id)
+    kill_rank1(tag)
+    took = left_running_within(slurm, job_id, 60)
+    resume_step = latest_checkpoint_step(run_dir)
+    assert resume_step < STEPS, "the run finished before the kill: nothing was tested"
+    release(slurm, job_id, "1")
+    info = slurm.wait_job(job_id, ENDED, timeout=240)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED", (info, text[-3000:])
+    assert "rank failure 1 of at most 1 (--max-failures) in job" in text
+    assert any(m.startswith(f"rank failure 1 of at most 1 (--max-failures) in job {job_id}: srun exited with status")
+               for m in messages(run_dir)), messages(run_dir)
+    assert f"at step {resume_step}" in text.split("resumed from")[1].splitlines()[0]
+    # every step after the checkpoint trained again, to the unbroken run's losses
+    assert last_loss_per_step(run_dir) == dict(step_losses(straight[2]))
+    assert [s for s, _ in step_losses(run_dir)][-(STEPS - resume_step):] == list(range(resume_step + 1, STEPS + 1))
+    print(f"\nsbatch: the job left RUNNING {took:.1f} s after kill -9 of rank 1; resumed at step {resume_step}")
+
+
+def test_submitit_rank_killed_past_max_failures_ends_failed(slurm_env, tmp_path, monkeypatch):
+    tag = uuid.uuid4().hex
+    monkeypatch.setenv("TD_TEST_TAG", tag)  # submitit's sbatch passes the environment to the tasks
+    run_dir = tmp_path / "twice"
+    job = submit("vqgan-tiny", [*overrides(tmp_path, "twice"), "train.steps=200"], tasks_per_node=2, time_min=10,
+                 job_name="twice", folder=str(tmp_path / "submitit" / "%j"), max_failures=1)
+    took = []
+    for restarts in ("1", None):
+        logged = len(step_losses(run_dir))
+        wait_for(lambda: len(step_losses(run_dir)) > logged, 180, "no new training step", slurm_env, job.job_id)
+        kill_rank1(tag)
+        took.append(left_running_within(slurm_env, job.job_id, 60))
+        if restarts:
+            release(slurm_env, job.job_id, restarts)
+    info = slurm_env.wait_job(job.job_id, ENDED, timeout=120)
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "1", info
+    reasons = [m for m in messages(run_dir) if m.startswith("rank failure")]
+    assert [r.split(":")[0] for r in reasons] == [
+        f"rank failure 1 of at most 1 (--max-failures) in job {job.job_id}",
+        f"rank failure 2 in job {job.job_id} is past --max-failures 1"], reasons
+    assert "the job ends as FAILED" in reasons[1]
+    print(f"\nsubmitit: the job left RUNNING {took[0]:.1f} s / {took[1]:.1f} s after each kill -9 of rank 1")

@@ -2,7 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from taming_dist.config import RunConfig, VQModelConfig, dump_config, from_dict, load_config, preset_names
+from taming_dist.config import (
+    RunConfig, TrainConfig, VQModelConfig, batch_layout, dump_config, from_dict, load_config, preset_names,
+)
 from taming_dist.config.load import apply_overrides
 
 REPO = Path(__file__).resolve().parents[2]
@@ -83,6 +85,44 @@ def test_validation_errors_name_values():
         load_config("vqgan-tiny", ["engine.kind=zero"])
     with pytest.raises(ValueError, match="global_batch_size 10 is not divisible by train.micro_batch_size 4"):
         load_config("vqgan-tiny", ["train.global_batch_size=10", "train.micro_batch_size=4"])
+
+
+@pytest.mark.parametrize("global_batch,dp,max_micro,expected", [
+    (16, 1, None, (16, 1)), (16, 2, None, (8, 1)), (16, 4, None, (4, 1)),  # the share of each rank
+    (96, 8, 12, (12, 1)), (96, 4, 12, (12, 2)), (96, 1, 12, (12, 8)),  # accumulation under the limit
+    (96, 2, 10, (8, 6)),  # 48 per rank: the fewest equal micro-steps of <= 10 (48 = 6 x 8)
+    (14, 1, 4, (2, 7)), (7, 1, 3, (1, 7)),  # a prime share falls back to micro batches of 1
+])
+def test_micro_batch_is_derived_from_the_global_batch(global_batch, dp, max_micro, expected):
+    t = TrainConfig(global_batch_size=global_batch, micro_batch_size=None, max_micro_batch_size=max_micro)
+    micro, accum = batch_layout(t, dp)
+    assert (micro, accum) == expected
+    assert micro * accum * dp == global_batch and (max_micro is None or micro <= max_micro)
+
+
+def test_explicit_micro_batch_wins_and_bad_layouts_say_how_to_fix_them():
+    assert batch_layout(TrainConfig(global_batch_size=16, micro_batch_size=2), 2) == (2, 4)
+    with pytest.raises(ValueError, match=r"not divisible by train.micro_batch_size 16 x data-parallel size 2: "
+                                         r"leave train.micro_batch_size unset"):
+        batch_layout(TrainConfig(global_batch_size=16, micro_batch_size=16), 2)
+    with pytest.raises(ValueError, match="not divisible by the data-parallel size 3: use a global batch"):
+        batch_layout(TrainConfig(global_batch_size=16), 3)
+    with pytest.raises(ValueError, match="micro_batch_size 8 exceeds train.max_micro_batch_size 4"):
+        load_config("vqgan-tiny", ["train.micro_batch_size=8", "train.max_micro_batch_size=4"])
+    with pytest.raises(ValueError, match="max_micro_batch_size 0 must be at least 1"):
+        load_config("vqgan-tiny", ["train.max_micro_batch_size=0"])
+    with pytest.raises(ValueError, match="collective_timeout_s 0 must be at least 1"):
+        load_config("vqgan-tiny", ["engine.collective_timeout_s=0"])
+
+
+def test_presets_leave_the_micro_batch_to_the_world_size():
+    # The README's torchrun example changes the number of ranks without touching the batch.
+    for name in preset_names():
+        cfg = load_config(name)
+        assert cfg.train.micro_batch_size is None, name
+        for dp in (1, 2, 8):
+            micro, accum = batch_layout(cfg.train, dp)
+            assert micro * accum * dp == cfg.train.global_batch_size
 
 
 def test_dump_roundtrip(tmp_path):

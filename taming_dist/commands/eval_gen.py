@@ -1,14 +1,17 @@
 HELP = ("FID and Inception Score of generated samples (a .npz or an image shard folder) against reference "
-        "statistics from a local file; or compute such statistics with --save-stats")
+        "statistics from a local file; or compute such statistics with --save-stats. Without Inception weights: "
+        "class accuracy and a Frechet distance from a small classifier of the built-in data (trained once, offline)")
 EXAMPLE = ("taming-dist eval-gen samples/samples.npz --ref-stats imagenet256_stats.npz "
            "--inception-weights pt_inception-2015-12-05-6726825d.pth --out gen.json")
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("samples", help="samples .npz (arr_0: uint8 N x H x W x 3) or image shard folder")
-    parser.add_argument("--inception-weights", required=True,
+    parser.add_argument("--inception-weights", default=None,
                         help="local InceptionV3 weights: pytorch-fid's pt_inception-2015-12-05-6726825d.pth (FID "
-                             "comparable to papers) or torchvision's inception_v3_google-0cc3c7bd.pth")
+                             "comparable to papers) or torchvision's inception_v3_google-0cc3c7bd.pth. Left out: "
+                             "samples of a model trained on the built-in data are scored by the built-in classifier "
+                             "(taming_dist/eval/classifier.py) against its held-out split")
     parser.add_argument("--ref-stats", default=None, help="reference statistics .npz with mu and sigma (pytorch-fid's)")
     parser.add_argument("--save-stats", default=None,
                         help="instead of evaluating: write the statistics (mu, sigma) of SAMPLES to this .npz")
@@ -20,13 +23,14 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    import json
     import os
 
     from taming_dist.engines.dist import DistEnv, device_for
     from taming_dist.eval.generate import evaluate_samples, inception_outputs, save_stats
     from taming_dist.eval.inception import InceptionFeatures
 
+    if args.inception_weights is None:
+        return _run_builtin(args)
     if (args.ref_stats is None) == (args.save_stats is None):
         raise ValueError("pass --ref-stats REF.npz to evaluate the samples, or --save-stats OUT.npz to compute "
                          "reference statistics from them (one of the two)")
@@ -47,10 +51,32 @@ def run(args) -> int:
     else:
         result = evaluate_samples(inception, args.samples, args.ref_stats, batch_size=args.batch_size, size=args.size,
                                   is_splits=args.is_splits, device=device)
-    result = {"input": os.path.abspath(args.samples), "inception": graph, **result}
+    return _report(args, {"input": os.path.abspath(args.samples), "inception": graph, **result})
+
+
+def _report(args, result: dict) -> int:
+    import json
+    import os
+
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
     print(json.dumps(result, indent=1))
     return 0
+
+
+def _run_builtin(args) -> int:
+    """Samples of a model trained on the built-in data, scored offline by the built-in classifier."""
+    import os
+
+    from taming_dist.engines.dist import DistEnv, device_for
+    from taming_dist.eval.classifier import score_samples
+
+    if args.ref_stats is not None or args.save_stats is not None:
+        raise ValueError("--ref-stats and --save-stats are Inception statistics: pass --inception-weights W with "
+                         "them, or neither to score samples of a built-in-data model with the built-in classifier")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    result = score_samples(args.samples, batch_size=args.batch_size, size=args.size, device=device_for(DistEnv()))
+    return _report(args, {"input": os.path.abspath(args.samples), "scorer": "builtin-classifier", **result})

@@ -4,6 +4,9 @@ Deterministic (seeded numpy), generated on first use and written as PNG shards w
 into a cache folder, so training and tests need no download. Each class has one visual idea
 (a disk, stripes, rings, ...) with random position, scale, phase and colours, so a tiny
 class-conditional transformer's samples can be checked by eye against `examples.png`.
+
+Two splits (`data.split`): `train` and `heldout`, the same classes drawn from other seeds, for
+measuring reconstructions and samples on images no model trained on.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from .shards import MANIFEST, SHARD_NAME, write_manifest, write_tar
 
 VERSION = "v1"
 SEED = 0
+SPLIT_SEEDS = {"train": SEED, "heldout": 1}
 
 # Render functions take (u, v, rng, S): pixel-centre coordinates in [0, 1] of shape (S, S), and return
 # the foreground coverage alpha in [0, 1] (S, S); colours are mixed in afterwards.
@@ -189,7 +193,7 @@ def cache_root() -> str:
     return os.environ.get("TAMING_DIST_CACHE") or os.path.join(os.getcwd(), ".cache", "taming_dist")
 
 
-def _write(folder: str, images: np.ndarray, labels: np.ndarray, classes: int) -> None:
+def _write(folder: str, images: np.ndarray, labels: np.ndarray, classes: int, seed: int) -> None:
     n = len(images)
     nshards = _shard_count(n)
     bounds = np.linspace(0, n, nshards + 1).astype(int)
@@ -213,30 +217,33 @@ def _write(folder: str, images: np.ndarray, labels: np.ndarray, classes: int) ->
     grid_t = torch.from_numpy(np.stack(grid)).permute(0, 3, 1, 2).float().div(127.5).sub(1)
     save_grid(grid_t, os.path.join(folder, "examples.png"), nrow=per_row)
     write_manifest(folder, shards, list(CLASS_NAMES[:classes]), np.bincount(labels, minlength=classes).tolist(),
-                   source=f"synthetic-{VERSION}", seed=SEED, image_size=int(images.shape[1]))
+                   source=f"synthetic-{VERSION}", seed=seed, image_size=int(images.shape[1]))
 
 
 def ensure_synthetic(cfg, cache_dir: Optional[str] = None) -> str:
     """The folder of the synthetic dataset for `cfg` (a DataConfig: size, synthetic_samples,
-    synthetic_classes), generated on first use.
+    synthetic_classes, split), generated on first use. The held-out split has as many samples.
 
     Several processes (ranks) may call this at once: each writes into its own temporary folder and
     renames it into place; a process that loses the race discards its copy and uses the winner's.
     """
-    size, n, classes = cfg.size, cfg.synthetic_samples, cfg.synthetic_classes
+    size, n, classes, split = cfg.size, cfg.synthetic_samples, cfg.synthetic_classes, cfg.split
     if n < classes:
         raise ValueError(f"data.synthetic_samples {n} must be at least data.synthetic_classes {classes} "
                          f"(one example per class)")
+    if split not in SPLIT_SEEDS:
+        raise ValueError(f"data.split {split!r} is not one of {', '.join(SPLIT_SEEDS)}")
     root = cache_dir or cache_root()
-    folder = os.path.join(root, f"synthetic-{size}-{n}-{classes}-{VERSION}")
+    prefix = "synthetic" if split == "train" else f"synthetic-{split}"  # the train split keeps its folder name
+    folder = os.path.join(root, f"{prefix}-{size}-{n}-{classes}-{VERSION}")
     if os.path.exists(os.path.join(folder, MANIFEST)):
         return folder
-    images, labels = generate(n, size, classes)
+    images, labels = generate(n, size, classes, seed=SPLIT_SEEDS[split])
     os.makedirs(root, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".tmp-synthetic-{os.getpid()}-", dir=root)
     try:
         os.chmod(tmp, 0o755)  # mkdtemp creates 0700; the cache may be shared
-        _write(tmp, images, labels, classes)
+        _write(tmp, images, labels, classes, SPLIT_SEEDS[split])
         try:
             os.rename(tmp, folder)
         except OSError:

@@ -2,7 +2,9 @@
 and a factorised l2-normalised lookup (ViT-VQGAN, Yu et al. 2021; LlamaGen).
 
 Every quantizer maps z (B, C, h, w) to `(z_q, loss, info)`; info holds `indices` (B, h, w),
-`perplexity` and `usage` (fraction of codes hit). Distances, softmaxes and losses run in fp32 even
+`perplexity`, `usage` (fraction of codes hit), `window_usage` (fraction hit by the last
+`usage_window` training tokens of all ranks) and, with dead-code restarts, `restarted` (codes
+restarted in this forward). Distances, softmaxes and losses run in fp32 even
 under autocast: in bf16 nearby codes tie and the argmin flips.
 
 What the quantizers need from the process group is passed in, never imported (as in
@@ -10,7 +12,18 @@ vector-quantize-pytorch): `reduce_fn` sums a tensor across data-parallel ranks (
 returning the sum), `broadcast_fn` copies rank 0's tensor to every rank (in place, or returning it).
 Both default to no-ops. They are called only in training mode, where every rank runs the same
 forward; an eval-mode forward on one rank alone (image logging, code extraction) never enters a
-collective, and its statistics are then those of the local batch.
+collective, and its statistics are then those of the local batch. `dp_rank` / `dp_size` (0 / 1 by
+default) say where this rank's rows sit in the global batch (rank r holds rows r*N .. r*N+N-1; the
+loop gives every rank the same micro-batch size), so a row of the global batch can be fetched by
+index with one sum-reduce (`_global_rows`), and one process on the whole batch makes the same choice.
+
+Data-dependent codebook writes (k-means initialisation, dead-code restarts) never touch the codebook
+parameter: under FSDP2 it is a shard, under DeepSpeed a copy of fp32 master weights, and a write in
+forward would be lost. Kinds vq and l2 instead keep a replicated buffer `code_offset` and use
+`embedding.weight + code_offset` as the codebook: the same trainable parameter gets the same
+gradient, and AdamW (no weight decay on embeddings) moves it the same way as a written parameter,
+so the training is that of a rewritten codebook on every engine. `fold_code_offset` folds it into
+the weight for readers that know only `embedding.weight` (the original taming code).
 """
 from __future__ import annotations
 
@@ -34,12 +47,28 @@ def _fp32(device: torch.device):
     return torch.autocast(device_type=device.type, enabled=False)
 
 
+_NEVER = -(2**62)  # "last hit" of a code never hit
+
+
 class _Quantizer(nn.Module):
-    def __init__(self, n_embed: int, embed_dim: int):
+    def __init__(self, n_embed: int, embed_dim: int, kmeans_iters: int = 0, usage_window: int = 65536):
         super().__init__()
         self.n_e, self.e_dim = n_embed, embed_dim  # the original's attribute names
         self.reduce_fn: Collective = _identity
         self.broadcast_fn: Collective = _identity
+        self.dp_rank, self.dp_size = 0, 1
+        # k-means initialisation at the first training forward (0 = off); `kmeans_done` is saved in
+        # checkpoints, so a resumed run does not redo it.
+        self.kmeans_iters = kmeans_iters
+        if kmeans_iters > 0:
+            self.register_buffer("kmeans_done", torch.zeros(()))
+        self._kmeans_seen_done = False
+        # Usage over the last `usage_window` training tokens of all ranks (LlamaGen logs the codes
+        # among its last 65536 tokens): per code, the token count at the end of the step that last
+        # hit it. Not saved: a resumed run counts afresh (a logged statistic, not state).
+        self.usage_window = usage_window
+        self.register_buffer("last_hit", torch.full((n_embed,), _NEVER, dtype=torch.long), persistent=False)
+        self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long), persistent=False)
 
     def _reduce(self, t: torch.Tensor) -> torch.Tensor:
         out = self.reduce_fn(t)
@@ -58,11 +87,89 @@ class _Quantizer(nn.Module):
         # The original's perplexity: exp of the entropy of the mean one-hot assignment.
         p = counts / counts.sum().clamp_min(1.0)
         perplexity = torch.exp(-(p * torch.log(p + 1e-10)).sum())
-        return {"indices": idx, "perplexity": perplexity, "usage": (counts > 0).float().mean()}
+        if self.training:
+            # counts are the global batch's here, so every rank keeps the same window
+            self.tokens_seen += counts.sum().long()
+            self.last_hit.copy_(torch.where(counts > 0, self.tokens_seen, self.last_hit))
+        recent = (self.last_hit > self.tokens_seen - self.usage_window).float().mean()
+        return {"indices": idx, "perplexity": perplexity, "usage": (counts > 0).float().mean(), "window_usage": recent}
 
     def get_codebook_entry(self, indices: torch.Tensor) -> torch.Tensor:
         """indices (B, h, w) -> the decoder-side latent (B, embed_dim, h, w)."""
         raise NotImplementedError
+
+    def codebook(self) -> torch.Tensor:
+        """The codes as the lookup uses them (K, D), code_offset included."""
+        raise NotImplementedError
+
+    # -- data-dependent codebook writes (k-means, restarts) ------------------------------------
+    def _global_rows(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Rows `rows` (n,) of the global batch of vectors, whose local part is x (N, D), on every
+        rank: each rank fills the rows it holds and one sum-reduce of (n, D) assembles them."""
+        local = rows - self.dp_rank * x.shape[0]
+        mine = (local >= 0) & (local < x.shape[0])
+        out = x.new_zeros(rows.shape[0], x.shape[1])
+        out[mine] = x[local[mine]]
+        return self._reduce(out)
+
+    def _global_size(self, x: torch.Tensor, total: torch.Tensor) -> int:
+        """The global batch's row count `total` (a reduced count), checked against the layout
+        `_global_rows` assumes (the same N on every rank)."""
+        n = int(total)
+        if n != x.shape[0] * self.dp_size:
+            raise ValueError(f"the global batch has {n} vectors but this rank holds {x.shape[0]} of "
+                             f"{self.dp_size} ranks; codebook writes need the same micro-batch size on every rank")
+        return n
+
+    def _kmeans_pending(self) -> bool:
+        if self.kmeans_iters == 0 or self._kmeans_seen_done:
+            return False
+        self._kmeans_seen_done = bool(self.kmeans_done)  # one host sync, until done
+        return not self._kmeans_seen_done
+
+    def _assign(self, x: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+        return _nearest_l2(x, centres)
+
+    def _normalize_centres(self, centres: torch.Tensor) -> torch.Tensor:
+        return centres
+
+    @torch.no_grad()
+    def _kmeans(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Lloyd's k-means over the global batch, x (N, D) fp32 this rank's rows -> (centres (K, D),
+        cluster sizes (K,)), the same on every rank. Start: K distinct rows of the global batch
+        (with repetition when it has fewer than K), drawn on rank 0 and broadcast; each iteration
+        assigns locally and sums [count | sum of vectors] over ranks (one reduce of K x (D + 1)),
+        exactly the one-process computation. An empty cluster keeps its centre."""
+        n = self._global_size(x, self._reduce(torch.tensor(float(x.shape[0]), device=x.device)))
+        if n >= self.n_e:
+            start = torch.randperm(n, device=x.device)[: self.n_e]
+        else:
+            start = torch.randint(0, n, (self.n_e,), device=x.device)
+        centres = self._normalize_centres(self._global_rows(x, self._broadcast(start)))
+        ones = torch.ones_like(x[:, :1])
+        for _ in range(self.kmeans_iters):
+            stats = x.new_zeros(self.n_e, 1 + x.shape[1]).index_add_(0, self._assign(x, centres), torch.cat([ones, x], 1))
+            stats = self._reduce(stats)
+            counts, sums = stats[:, 0], stats[:, 1:]
+            means = sums / counts.clamp_min(1.0).unsqueeze(1)
+            centres = self._normalize_centres(torch.where(counts.unsqueeze(1) > 0, means, centres))
+        return centres, counts
+
+    @torch.no_grad()
+    def _kmeans_init(self, x: torch.Tensor) -> None:
+        centres, counts = self._kmeans(x)
+        self._set_codes(torch.arange(self.n_e, device=x.device), centres, counts)
+        self.kmeans_done.fill_(1.0)
+        self._kmeans_seen_done = True
+
+    def _set_codes(self, rows: torch.Tensor, new: torch.Tensor, counts: torch.Tensor) -> None:
+        """Make codes `rows` equal `new` through code_offset (see the module docstring)."""
+        w = self.embedding.weight.detach()[rows].to(self.code_offset.dtype)
+        self.code_offset[rows] = new.to(w.dtype) - w
+
+    def _offset_weight(self) -> torch.Tensor:
+        w = self.embedding.weight
+        return w + self.code_offset if hasattr(self, "code_offset") else w
 
 
 def _vq_loss(zq: torch.Tensor, z: torch.Tensor, beta: float, legacy: bool) -> torch.Tensor:
@@ -83,23 +190,32 @@ class VectorQuantizer(_Quantizer):
     """taming's VectorQuantizer2 (kind vq): nearest code by squared L2 distance, straight-through
     gradient, codebook learned by the loss.
 
+    Optional k-means initialisation (`kmeans_iters` > 0; as in vector-quantize-pytorch's
+    `kmeans_init`): at the first training forward the codebook becomes the k-means centres of that
+    global batch's encoder outputs.
+
     Optional dead-code restart (`dead_code_threshold` > 0, as in Dhariwal et al. 2020, Jukebox):
     an EMA (decay `usage_decay`) of each code's usage relative to a uniform assignment (1.0 = an
-    average code) is kept; after a training step every code below the threshold is replaced by a
-    random encoder output of the current batch. The candidates are drawn on each rank from torch's
-    RNG and passed through `broadcast_fn`, so every rank writes rank 0's choice; the dead set itself
-    comes from the reduced counts and is the same everywhere. The restart writes into the module's
-    own codebook, so it needs an engine whose optimizer steps those parameters (single, DDP).
+    average code) is kept; in every training forward each code below the threshold is replaced by
+    a random encoder output of the current global batch. The dead set comes from the reduced counts
+    and is the same everywhere; the rows to copy are drawn on rank 0 (torch's RNG) and broadcast,
+    then fetched from whichever rank holds them. Both write through `code_offset` (kind vq) or the
+    codebook buffers (kind ema), so they work on every engine, sharded ones included.
     """
 
     def __init__(self, n_embed: int, embed_dim: int, beta: float = 0.25, legacy: bool = True,
-                 dead_code_threshold: float = 0.0, usage_decay: float = 0.99):
-        super().__init__(n_embed, embed_dim)
+                 dead_code_threshold: float = 0.0, usage_decay: float = 0.99, kmeans_iters: int = 0,
+                 usage_window: int = 65536):
+        super().__init__(n_embed, embed_dim, kmeans_iters, usage_window)
         self.beta, self.legacy = beta, legacy
         self.dead_code_threshold, self.usage_decay = dead_code_threshold, usage_decay
         self.embedding = self._make_codebook(n_embed, embed_dim)
         if dead_code_threshold > 0:
             self.register_buffer("code_usage", torch.ones(n_embed))
+        if self.learned_codebook and (dead_code_threshold > 0 or kmeans_iters > 0):
+            self.register_buffer("code_offset", torch.zeros(n_embed, embed_dim))
+
+    learned_codebook = True  # the codebook is a parameter (written through code_offset)
 
     @staticmethod
     def _make_codebook(n_embed: int, embed_dim: int) -> nn.Module:
@@ -108,7 +224,10 @@ class VectorQuantizer(_Quantizer):
         return embedding
 
     def _codebook(self) -> torch.Tensor:
-        return self.embedding.weight
+        return self._offset_weight()
+
+    def codebook(self) -> torch.Tensor:
+        return self._codebook()
 
     def _loss(self, zq: torch.Tensor, zf: torch.Tensor) -> torch.Tensor:
         return _vq_loss(zq, zf, self.beta, self.legacy)
@@ -121,35 +240,39 @@ class VectorQuantizer(_Quantizer):
         B, C, H, W = z.shape
         with _fp32(z.device):
             zf = rearrange(z.float(), "b c h w -> (b h w) c")
+            if self.training and self._kmeans_pending():
+                self._kmeans_init(zf.detach())
             codebook = self._codebook().float()
             idx = _nearest_l2(zf, codebook)
             zq = F.embedding(idx, codebook)
             loss = self._loss(zq, zf)
             zq = zf + (zq - zf).detach()  # straight-through
+            restarted = None
             if self.training:
                 counts = self._update(idx, zf.detach())
                 if self.dead_code_threshold > 0:
-                    self._restart_dead_codes(counts, zf.detach())
+                    restarted = self._restart_dead_codes(counts, zf.detach())
             else:
                 counts = self._counts(idx)
         z_q = rearrange(zq, "(b h w) c -> b c h w", b=B, h=H, w=W).to(z.dtype)
-        return z_q, loss, self._info(idx.view(B, H, W), counts)
+        info = self._info(idx.view(B, H, W), counts)
+        if restarted is not None:
+            info["restarted"] = restarted
+        return z_q, loss, info
 
     @torch.no_grad()
-    def _restart_dead_codes(self, counts: torch.Tensor, zf: torch.Tensor) -> None:
+    def _restart_dead_codes(self, counts: torch.Tensor, zf: torch.Tensor) -> torch.Tensor:
+        """-> the number of codes restarted (a 0-dim tensor)."""
         rel = counts * (self.n_e / counts.sum().clamp_min(1.0))
         self.code_usage.mul_(self.usage_decay).add_(rel, alpha=1.0 - self.usage_decay)
         dead = (self.code_usage < self.dead_code_threshold).nonzero().squeeze(1)
         if dead.numel() == 0:
-            return
-        pick = torch.randint(0, zf.shape[0], (dead.numel(),), device=zf.device)
-        new = self._broadcast(zf[pick].clone())
-        self._set_codes(dead, new, counts)
+            return torch.zeros((), device=zf.device)
+        n = self._global_size(zf, counts.sum())
+        pick = self._broadcast(torch.randint(0, n, (dead.numel(),), device=zf.device))
+        self._set_codes(dead, self._global_rows(zf, pick), counts)
         self.code_usage[dead] = 1.0  # an average code: one EMA horizon to prove itself
-
-    def _set_codes(self, dead: torch.Tensor, new: torch.Tensor, counts: torch.Tensor) -> None:
-        w = self.embedding.weight
-        w.data[dead] = new.to(w.dtype)
+        return torch.tensor(float(dead.numel()), device=zf.device)
 
     def get_codebook_entry(self, indices: torch.Tensor) -> torch.Tensor:
         return rearrange(F.embedding(indices, self._codebook()), "b h w c -> b c h w")
@@ -174,10 +297,12 @@ class EMAVectorQuantizer(VectorQuantizer):
     rarely used codes from dividing by ~0: N_i <- (N_i + eps) / (N + K eps) * N.
     """
 
+    learned_codebook = False  # buffers: written directly
+
     def __init__(self, n_embed: int, embed_dim: int, beta: float = 0.25, decay: float = 0.99,
-                 eps: float = 1e-5, dead_code_threshold: float = 0.0):
+                 eps: float = 1e-5, dead_code_threshold: float = 0.0, kmeans_iters: int = 0, usage_window: int = 65536):
         super().__init__(n_embed, embed_dim, beta, legacy=False, dead_code_threshold=dead_code_threshold,
-                         usage_decay=decay)
+                         usage_decay=decay, kmeans_iters=kmeans_iters, usage_window=usage_window)
         self.decay, self.eps = decay, eps
         self.register_buffer("ema_cluster_size", torch.ones(n_embed))
         self.register_buffer("ema_embed_sum", self.embedding.weight.clone())
@@ -202,11 +327,11 @@ class EMAVectorQuantizer(VectorQuantizer):
         self.embedding.weight.copy_(self.ema_embed_sum / smoothed.unsqueeze(1))
         return counts
 
-    def _set_codes(self, dead: torch.Tensor, new: torch.Tensor, counts: torch.Tensor) -> None:
-        size = counts.sum() / self.n_e  # restarted as an average code
-        self.embedding.weight[dead] = new
-        self.ema_cluster_size[dead] = size
-        self.ema_embed_sum[dead] = new * size
+    def _set_codes(self, rows: torch.Tensor, new: torch.Tensor, counts: torch.Tensor) -> None:
+        size = counts.sum() / self.n_e  # (re)started as an average code
+        self.embedding.weight[rows] = new
+        self.ema_cluster_size[rows] = size
+        self.ema_embed_sum[rows] = new * size
 
 
 class GumbelQuantize(_Quantizer):
@@ -221,8 +346,8 @@ class GumbelQuantize(_Quantizer):
     """
 
     def __init__(self, num_hiddens: int, embed_dim: int, n_embed: int, kl_weight: float = 5e-4,
-                 temperature: float = 1.0, straight_through: bool = True):
-        super().__init__(n_embed, embed_dim)
+                 temperature: float = 1.0, straight_through: bool = True, usage_window: int = 65536):
+        super().__init__(n_embed, embed_dim, usage_window=usage_window)
         self.kl_weight, self.temperature, self.straight_through = kl_weight, temperature, straight_through
         self.proj = nn.Conv2d(num_hiddens, n_embed, kernel_size=1)
         self.embed = nn.Embedding(n_embed, embed_dim)
@@ -245,16 +370,21 @@ class GumbelQuantize(_Quantizer):
     def get_codebook_entry(self, indices: torch.Tensor) -> torch.Tensor:
         return rearrange(self.embed(indices), "b h w c -> b c h w")
 
+    def codebook(self) -> torch.Tensor:
+        return self.embed.weight
+
 
 class L2Quantizer(_Quantizer):
     """kind l2: factorised, l2-normalised codes (ViT-VQGAN, Yu et al. 2021; LlamaGen). z is
     projected to `codebook_dim` by `in_proj`, z and the codebook are l2-normalised, the nearest
     code by cosine is taken, and `out_proj` maps it back to embed_dim. Looking up in a small
     normalised space keeps far more codes in use. The loss is vq's with beta on the commitment
-    term (no released checkpoint carries the legacy placement for this kind)."""
+    term (no released checkpoint carries the legacy placement for this kind). k-means
+    initialisation here is spherical (centres renormalised each iteration) in the lookup space."""
 
-    def __init__(self, n_embed: int, embed_dim: int, codebook_dim: int = 8, beta: float = 0.25):
-        super().__init__(n_embed, embed_dim)
+    def __init__(self, n_embed: int, embed_dim: int, codebook_dim: int = 8, beta: float = 0.25,
+                 kmeans_iters: int = 0, usage_window: int = 65536):
+        super().__init__(n_embed, embed_dim, kmeans_iters, usage_window)
         self.beta, self.codebook_dim = beta, codebook_dim
         self.in_proj = nn.Conv2d(embed_dim, codebook_dim, kernel_size=1)
         self.embedding = nn.Embedding(n_embed, codebook_dim)
@@ -262,14 +392,27 @@ class L2Quantizer(_Quantizer):
             nn.init.uniform_(self.embedding.weight, -1.0 / n_embed, 1.0 / n_embed)
             self.embedding.weight.copy_(F.normalize(self.embedding.weight, dim=1))
         self.out_proj = nn.Conv2d(codebook_dim, embed_dim, kernel_size=1)
+        if kmeans_iters > 0:
+            self.register_buffer("code_offset", torch.zeros(n_embed, codebook_dim))
+
+    def codebook(self) -> torch.Tensor:
+        return F.normalize(self._offset_weight(), dim=1)
+
+    def _assign(self, x: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+        return (x @ centres.t()).argmax(dim=1)  # max cosine = min l2 on the unit sphere
+
+    def _normalize_centres(self, centres: torch.Tensor) -> torch.Tensor:
+        return F.normalize(centres, dim=1)
 
     def forward(self, z: torch.Tensor):
         h = self.in_proj(z)
         B, _, H, W = h.shape
         with _fp32(z.device):
             hf = F.normalize(rearrange(h.float(), "b c h w -> (b h w) c"), dim=1)
-            codebook = F.normalize(self.embedding.weight.float(), dim=1)
-            idx = (hf @ codebook.t()).argmax(dim=1)  # max cosine = min l2 on the unit sphere
+            if self.training and self._kmeans_pending():
+                self._kmeans_init(hf.detach())
+            codebook = F.normalize(self._offset_weight().float(), dim=1)
+            idx = self._assign(hf, codebook)
             zq = F.embedding(idx, codebook)
             loss = _vq_loss(zq, hf, self.beta, legacy=False)
             zq = hf + (zq - hf).detach()
@@ -278,7 +421,7 @@ class L2Quantizer(_Quantizer):
         return self.out_proj(zq), loss, self._info(idx.view(B, H, W), counts)
 
     def get_codebook_entry(self, indices: torch.Tensor) -> torch.Tensor:
-        codebook = F.normalize(self.embedding.weight, dim=1)
+        codebook = self.codebook()
         return self.out_proj(rearrange(F.embedding(indices, codebook), "b h w c -> b c h w"))
 
 
@@ -291,15 +434,34 @@ def build_quantizer(cfg: QuantizerConfig, z_channels: int) -> _Quantizer:
             f"quantizer.dead_code_threshold={cfg.dead_code_threshold} is only supported by kinds vq and ema, "
             f"not {cfg.kind!r}; set it to 0"
         )
+    if cfg.kmeans_init and cfg.kind == "gumbel":
+        raise ValueError("quantizer.kmeans_init is supported by kinds vq, ema and l2, not gumbel (its codes are "
+                         "chosen by a learned projection, not by distance); set it to false")
+    iters = cfg.kmeans_iters if cfg.kmeans_init else 0
+    window = cfg.usage_window
     if cfg.kind == "vq":
-        return VectorQuantizer(cfg.n_embed, cfg.embed_dim, cfg.beta, cfg.legacy, cfg.dead_code_threshold, cfg.ema_decay)
+        return VectorQuantizer(cfg.n_embed, cfg.embed_dim, cfg.beta, cfg.legacy, cfg.dead_code_threshold, cfg.ema_decay,
+                               iters, window)
     if cfg.kind == "ema":
         return EMAVectorQuantizer(cfg.n_embed, cfg.embed_dim, cfg.beta, cfg.ema_decay, cfg.ema_eps,
-                                  cfg.dead_code_threshold)
+                                  cfg.dead_code_threshold, iters, window)
     if cfg.kind == "gumbel":
         return GumbelQuantize(z_channels, cfg.embed_dim, cfg.n_embed, cfg.kl_weight, cfg.gumbel_tau,
-                              cfg.gumbel_straight_through)
-    return L2Quantizer(cfg.n_embed, cfg.embed_dim, cfg.codebook_dim, cfg.beta)
+                              cfg.gumbel_straight_through, window)
+    return L2Quantizer(cfg.n_embed, cfg.embed_dim, cfg.codebook_dim, cfg.beta, iters, window)
 
 
-__all__ = ["VectorQuantizer", "EMAVectorQuantizer", "GumbelQuantize", "L2Quantizer", "build_quantizer"]
+def fold_code_offset(state_dict: dict, prefix: str = "quantize.") -> dict:
+    """A copy of a VQModel state dict with `code_offset` folded into `embedding.weight` (and left
+    at zero): the same codebook for readers that ignore the offset (the original taming code)."""
+    key = f"{prefix}code_offset"
+    if key not in state_dict:
+        return dict(state_dict)
+    out = dict(state_dict)
+    out[f"{prefix}embedding.weight"] = state_dict[f"{prefix}embedding.weight"] + state_dict[key]
+    out[key] = torch.zeros_like(state_dict[key])
+    return out
+
+
+__all__ = ["VectorQuantizer", "EMAVectorQuantizer", "GumbelQuantize", "L2Quantizer", "build_quantizer",
+           "fold_code_offset"]

@@ -6,6 +6,7 @@ SPEC = stage:engine[:zero_stage][:precision][:ac|noac][:accum][:key=value ...]
 key=value pairs are config overrides, except these harness switches:
   break=skip_step     rank 1 (rank 0 in one process) skips its optimizer update at step 2 (a negative control)
   break=no_grad_sync  every backward runs inside the engine's no_sync (gradients never averaged)
+  break=quantizer_unplaced  the VQGAN's quantizer is told rank 0's place in the batch on every rank
   save=N              stop after N steps and write a checkpoint to OUT_DIR/ckpt_<tag>
   resume=TAG          load OUT_DIR/ckpt_<TAG> first and continue from its step
   tag=NAME            names the spec's checkpoint (default: its index)
@@ -164,6 +165,9 @@ def _break(engine, task, opts, env):
                 yield from real_accumulate(unit, items)
 
         engine.accumulate = accumulate
+    elif kind == "quantizer_unplaced":
+        # every rank believes it holds the first rows of the global batch (k-means, restarts)
+        task.G.raw.quantize.dp_rank = 0
     elif kind:
         raise ValueError(f"unknown break={kind}")
 

@@ -302,3 +302,31 @@ def test_bf16_trains_on_every_engine(runs, stage, engine):
     assert all(abs(h["loss"]) < 1e3 for h in g["history"])
     if stage == "transformer":
         assert abs(r["history"][0]["loss"] - g["history"][0]["loss"]) < 0.05 * abs(r["history"][0]["loss"])
+
+
+# Codebooks that stay in use: k-means initialisation at the first step, and dead-code restarts
+# (usage EMA decay 0.5, so a code unused for 2 steps is restarted within the 5 steps), on every
+# engine, sharded ones included (they write through the replicated `quantize.code_offset`).
+CODEBOOK = "vqgan.quantizer.kmeans_init=true:vqgan.quantizer.dead_code_threshold=0.3:vqgan.quantizer.ema_decay=0.5"
+REF += [spec("vqgan", "single", CODEBOOK)]
+DIST += [spec("vqgan", e, CODEBOOK) for e in ENGINES] + [spec("vqgan", "fsdp", CODEBOOK, "break=quantizer_unplaced")]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_kmeans_init_and_restarts_match_one_process(runs, engine):
+    ref, got = spec("vqgan", "single", CODEBOOK), spec("vqgan", engine, CODEBOOK)
+    # the mechanisms ran: k-means moved every code, and restarts replaced codes in later steps
+    offset = runs.tensors(ref)["updates"]["generator"]["quantize.code_offset"]
+    assert bool((offset.abs().sum(1) > 0).all())
+    restarted = [h["codes_restarted"] for h in runs[ref]["history"]]
+    assert restarted[0] == 0 and sum(restarted) > 0, restarted
+    _losses_match(runs[ref], runs[got], VQ_KEYS + ["usage", "window_usage", "codes_restarted"])
+    assert runs[got]["replica_spread"] == 0.0  # the same codebook (parameter and buffers) on every rank
+    bad = update_mismatches(runs.tensors(ref), runs.tensors(got))
+    assert not bad, "\n".join(bad)
+
+
+def test_a_quantizer_without_its_place_fails_the_codebook_comparison(runs):
+    """Negative control: rank 1 told it holds rank 0's rows assembles the wrong k-means start."""
+    ref, got = spec("vqgan", "single", CODEBOOK), spec("vqgan", "fsdp", CODEBOOK, "break=quantizer_unplaced")
+    assert update_mismatches(runs.tensors(ref), runs.tensors(got))

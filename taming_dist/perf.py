@@ -89,9 +89,10 @@ def fake_mode():
 
 
 def countable_vqgan_config(cfg: RunConfig) -> RunConfig:
-    """The config with what fake tensors cannot run and costs no FLOPs swapped out: dead-code
-    restarts and ActNorm's init read values (`.item()`, `nonzero`); LPIPS gets a random backbone."""
-    q = dataclasses.replace(cfg.vqgan.quantizer, dead_code_threshold=0.0)
+    """The config with what fake tensors cannot run and costs no FLOPs swapped out: k-means init,
+    dead-code restarts and ActNorm's init read values (`.item()`, `nonzero`); LPIPS gets a random
+    backbone. (k-means runs once per run: its FLOPs are not part of a step.)"""
+    q = dataclasses.replace(cfg.vqgan.quantizer, dead_code_threshold=0.0, kmeans_init=False)
     d = cfg.loss.discriminator
     d = dataclasses.replace(d, norm="batch") if d.norm == "actnorm" else d
     loss = dataclasses.replace(cfg.loss, lpips_backbone="random", discriminator=d)

@@ -35,7 +35,9 @@ def export_run(src: str | Path, out: str | Path, *, ema: bool = True, dtype: tor
     units = consolidate(ckpt, ema=ema, dtype=dtype)
     out = Path(out)
     if cfg.stage == "vqgan":
-        sd = units["generator"]
+        from taming_dist.models.quantize import fold_code_offset
+
+        sd = fold_code_offset(units["generator"])  # the original code reads embedding.weight only
         if fmt == "taming":
             disc = {f"loss.{k}": v for k, v in units["discriminator"].items()}
             return [write_taming(out, "vqgan", cfg, {**sd, **disc})]

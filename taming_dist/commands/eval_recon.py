@@ -6,7 +6,8 @@ EXAMPLE = ("torchrun --nproc_per_node 8 -m taming_dist eval-recon runs/vqgan/mod
 
 def add_arguments(parser) -> None:
     parser.add_argument("model", help="VQGAN model folder (config.json + model.safetensors) or run folder")
-    parser.add_argument("data", help="image shard folder (with manifest.json), or `synthetic`")
+    parser.add_argument("data", help="image shard folder (with manifest.json), or `synthetic` (the built-in data's "
+                                     "held-out split: images no model trained on)")
     parser.add_argument("--out", default="recon.json", help="JSON report; example grids are written beside it")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward, per rank")
     parser.add_argument("--size", type=int, default=None, help="image side (default: the VQGAN's resolution)")
@@ -74,7 +75,8 @@ def run(args) -> int:
         raise ValueError(f"{args.model} holds a {type(model).__name__}; eval-recon evaluates a VQGAN (VQModel) folder")
     model = model.float().to(device).eval()
     size = args.size or model.config.ddconfig.resolution
-    folder = ensure_synthetic(DataConfig(kind="synthetic", size=size)) if args.data == "synthetic" else args.data
+    folder = ensure_synthetic(DataConfig(kind="synthetic", size=size, split="heldout")) if args.data == "synthetic" \
+        else args.data
     lpips = _lpips(args, notes, device)
     inception = None
     if inception_state is not None:

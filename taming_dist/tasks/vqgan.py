@@ -23,6 +23,7 @@ from taming_dist.config import RunConfig
 from taming_dist.engines.base import Engine, lr_lambda_for
 from taming_dist.losses.vqgan import VQGANLoss
 from taming_dist.models.discriminator import NLayerDiscriminator
+from taming_dist.models.quantize import fold_code_offset
 from taming_dist.models.vqgan import VQModel
 from taming_dist.profiling import phase
 from taming_dist.tasks.base import all_finite, to_device
@@ -57,8 +58,10 @@ class VQGANTask:
         if cfg.init_from:
             load_init_weights(cfg.init_from, {"generator": model, "discriminator": disc.discriminator}, engine.is_main)
         model.quantize.reduce_fn = engine.reduce_fn()
-        # Dead-code restarts pick replacement vectors per rank; rank 0's choice is broadcast.
+        # k-means init and dead-code restarts draw rows of the global batch on rank 0 (broadcast)
+        # and fetch them from the rank that holds them.
         model.quantize.broadcast_fn = engine.broadcast_fn()
+        model.quantize.dp_rank, model.quantize.dp_size = engine.env.rank, engine.world_size
         disc.discriminator.set_reduce_fn(engine.reduce_fn())  # ActNorm's data-dependent init
         self.loss = VQGANLoss(cfg.loss).to(engine.device)
         self._conv_out_in: torch.Tensor | None = None
@@ -118,7 +121,10 @@ class VQGANTask:
             with phase("generator_backward"):
                 eng.backward(self.G, obj.surrogate(xrec))
             recs.append((x, xrec.detach()))
-            _accumulate(stats, {**obj.logs, "perplexity": info["perplexity"], "usage": info["usage"]}, n)
+            _accumulate(stats, {**obj.logs, "perplexity": info["perplexity"], "usage": info["usage"],
+                                "window_usage": info["window_usage"]}, n)
+            if "restarted" in info:  # a count over the step's micro-batches
+                stats["codes_restarted"] = stats.get("codes_restarted", 0.0) + float(info["restarted"])
         with phase("generator_optimizer_step"):
             stats.update({f"g_{k}": v for k, v in eng.step(self.G).items()})
         stats["lr"] = eng.lr(self.G)
@@ -161,7 +167,7 @@ class VQGANTask:
 
         sd = self.engine.full_state_dict(self.G, ema=ema and bool(self.G.ema))
         if self.engine.is_main:
-            save_model_folder(folder, "vqgan", self.cfg.vqgan, sd)
+            save_model_folder(folder, "vqgan", self.cfg.vqgan, fold_code_offset(sd))
 
 
 def _accumulate(stats: dict, logs: dict, n: int) -> None:

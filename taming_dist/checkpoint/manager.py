@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
+from contextlib import contextmanager
 import os
 import random
 import shutil
@@ -160,7 +162,8 @@ class CheckpointManager:
         run.rank_state = _to_bytes({"rng": rng_state(), **rank_state})
         state = {name: UnitState(eng, u) for name, u in units.items()}
         state["run"] = run
-        dcp.save(state, checkpoint_id=str(tmp / "state"))
+        with _single_process_dcp_quiet():
+            dcp.save(state, checkpoint_id=str(tmp / "state"))
         if eng.is_main:
             manifest = {"format": FORMAT, "version": VERSION, "step": step, "engine": eng.kind,
                         "zero_stage": getattr(eng.cfg, "zero_stage", None) if eng.kind == "deepspeed" else None,
@@ -198,9 +201,20 @@ class CheckpointManager:
         run = RunState(eng.env.rank, read_rank=eng.env.rank if same_world else 0)
         state = {name: UnitState(eng, u) for name, u in units.items()}
         state["run"] = run
-        dcp.load(state, checkpoint_id=str(path / "state"))
+        with _single_process_dcp_quiet():
+            dcp.load(state, checkpoint_id=str(path / "state"))
         extra = _from_bytes(run.rank_state)
         rng = extra.pop("rng")
         if same_world:
             set_rng_state(rng)
         return run.step, _from_bytes(run.counters), extra
+
+
+@contextmanager
+def _single_process_dcp_quiet():
+    """A one-process run (engine.kind=single, no process group) saves and loads DCP without
+    torch.distributed, which is what we intend; DCP says so in a UserWarning each time."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning,
+                                message=r".*assuming the intent is to (save|load) in a single process")
+        yield

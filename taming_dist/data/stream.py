@@ -342,7 +342,7 @@ class DataStream:
             self._pos, self._done = list(state["positions"]), list(state["worker_batches"])
             self._next_worker = int(state["next_worker"])
         else:
-            if {**saved, "rank": self._plan.rank} != self._layout:
+            if {**saved, "rank": self._plan.rank} != self._layout and self._plan.rank == 0:  # said once
                 warnings.warn(f"data position saved with layout {saved} is resumed with {self._layout}: the epoch "
                               f"continues after {k} batches, but not with exactly the same samples")
             self._done, self._next_worker = _round_robin(k, self._caps)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import warnings
 
 import torch
 
@@ -27,11 +28,17 @@ def init_deepspeed_comm(env, device: torch.device) -> None:
                        ("MASTER_ADDR", env.master_addr), ("MASTER_PORT", env.master_port)):
         os.environ.setdefault(key, str(value))
     ensure_process_group(device)
+    # Named before the first import of deepspeed: its accelerator probe otherwise logs a WARNING per
+    # rank ("Setting accelerator to CPU") on every CPU run.
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
     if device.type == "cpu":
         # On CPU DeepSpeed JIT-compiles a shared-memory all-reduce op at init (~50 s, see
         # docs/platform-notes.md); gloo's all-reduce is used without it.
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
+    # DeepSpeed's ZeRO code calls two c10d collectives that torch deprecated; the FutureWarning
+    # (one per call site and rank) tells a user nothing they can act on. Only these two messages.
+    warnings.filterwarnings("ignore", category=FutureWarning,
+                            message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
     import deepspeed
 
     deepspeed.init_distributed(dist_backend=dist.get_backend())

@@ -27,13 +27,13 @@ def run(args) -> int:
     common = [f"out_dir={out}", *args.overrides]
     vq = load_config("vqgan-tiny", common + ["name=vqgan"] + (
         [f"train.steps={args.vqgan_steps}"] if args.vqgan_steps else []))
-    print(f"== 1/4 training the VQGAN ({vq.train.steps} steps) -> {out / 'vqgan'}", flush=True)
+    print(f"== 1/5 training the VQGAN ({vq.train.steps} steps) -> {out / 'vqgan'}", flush=True)
     train(vq)
     tr = load_config("transformer-tiny", common + ["name=transformer", f"first_stage_ckpt={out / 'vqgan' / 'model'}"] + (
         [f"train.steps={args.transformer_steps}"] if args.transformer_steps else []))
-    print(f"== 2/4 training the transformer ({tr.train.steps} steps) -> {out / 'transformer'}", flush=True)
+    print(f"== 2/5 training the transformer ({tr.train.steps} steps) -> {out / 'transformer'}", flush=True)
     train(tr)
-    print("== 3/4 sampling one row per class", flush=True)
+    print("== 3/5 sampling one row per class", flush=True)
     model = build_model_from_folder(out / "transformer" / "model").eval()
     gen = torch.Generator().manual_seed(0)
     n_classes = tr.transformer.condition.n_classes
@@ -42,7 +42,12 @@ def run(args) -> int:
     save_grid(images, out / "samples.png", nrow=8)
     print(f"wrote {out / 'samples.png'} (rows = classes 0..{n_classes - 1}); reconstructions and training "
           f"samples are under {out}/*/images/")
-    print("== 4/4 the report of both runs", flush=True)
+    print("== 4/5 quality on the held-out split", flush=True)
+    from taming_dist.eval.demo_report import demo_quality
+
+    demo_quality(model.first_stage_model, model, images.float().clamp(-1, 1), labels, out)
+    print(f"wrote {out / 'report.json'} and {out / 'overview.png'}")
+    print("== 5/5 the report of both runs", flush=True)
     report = write_report(out)
     print(f"wrote {report}: open file://{report.resolve()} in a browser (no server needed)")
     return 0

@@ -38,8 +38,18 @@ def test_config_errors_are_one_clear_line():
 @pytest.mark.slow
 def test_demo_pipeline_sample_and_reconstruct(tmp_path):
     out = tmp_path / "demo"
-    cli("demo", "--out", str(out), "--vqgan-steps", "12", "--transformer-steps", "12", "logging.wandb_mode=offline",
-        "train.image_every=6", "train.ckpt_every=6", "logging.progress=false")
+    p = cli("demo", "--out", str(out), "--vqgan-steps", "12", "--transformer-steps", "12",
+            "logging.wandb_mode=offline", "train.image_every=6", "train.ckpt_every=6", "logging.progress=false")
+    # the demo ends with its quality on the held-out split: table, report.json, overview.png, report.html
+    assert "quality on the held-out split (512 images; 96 samples)" in p.stdout and "reconstruction PSNR" in p.stdout
+    report = json.loads((out / "report.json").read_text())
+    rec, samples = report["heldout_reconstruction"], report["samples"]
+    assert rec["images"] == 512 and 0 < rec["psnr"] < 60 and 0 < rec["usage"] <= 1 and samples["count"] == 96
+    assert 0 <= samples["class_accuracy"] <= 1 and len(samples["per_class_accuracy"]) == 12
+    assert samples["fd"] > samples["fd_real"] >= 0  # 12 steps: far from real images
+    overview = Image.open(out / "overview.png")
+    assert overview.size[1] >= (2 + 12) * 2 * 32  # originals, reconstructions, a row per class, 2x scale
+    assert 'id="run-vqgan"' in (out / "report.html").read_text()
     grid = Image.open(out / "samples.png")
     assert grid.size[0] > 8 * 32 and grid.size[1] > 12 * 32  # 12 classes x 8 samples of 32 px
     for stage, image in (("vqgan", "recon_000012.png"), ("transformer", "samples_000012.png")):

@@ -30,9 +30,10 @@ def losses(run_dir):
     return {r["step"]: (r["loss"], r.get("d_loss", 0.0)) for r in rows}
 
 
+# DDP saves and loads through single's path (full tensors, one DCP save); its per-rank RNG and data
+# positions are the 2-rank FSDP2 run's.
 ENGINES = {
     "single": (["engine.kind=single"], 1),
-    "ddp": (["engine.kind=ddp"], 2),
     "fsdp": (["engine.kind=fsdp"], 2),
     "zero3": (["engine.kind=deepspeed", "engine.zero_stage=3"], 2),
 }

@@ -114,7 +114,7 @@ def decode_rows(device, dry, batches, tokens, layers, width):
 def run_suite(dry: bool, device: torch.device, gpt_layers: int = 24) -> list[dict]:
     s = dict(steps=2, warmup=1) if dry else dict(steps=10, warmup=3)
     vq, vq_micro = ("vqgan-tiny", 2) if dry else ("vqgan-f16-16384", 8)
-    res = (["vqgan.ddconfig.resolution=16", "data.size=16", "vqgan.ddconfig.ch=16"] if dry
+    res = (["vqgan.ddconfig.resolution=16", "data.size=16"] if dry
            else ["vqgan.ddconfig.resolution=256"])
     rows = []
     for name, extra in (("vqgan fp32", ["engine.precision=fp32"]),

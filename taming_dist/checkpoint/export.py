@@ -32,6 +32,8 @@ def export_run(src: str | Path, out: str | Path, *, ema: bool = True, dtype: tor
 
     ckpt = resolve_checkpoint(src)
     cfg = _run_config(ckpt)
+    if fmt == "taming":
+        refuse_original_layout(cfg, "export --format taming")
     units = consolidate(ckpt, ema=ema, dtype=dtype)
     out = Path(out)
     if cfg.stage == "vqgan":
@@ -54,6 +56,30 @@ def export_run(src: str | Path, out: str | Path, *, ema: bool = True, dtype: tor
     save_model_folder(out / "vqgan", "vqgan", cfg.transformer.first_stage, first, dtype=dtype)
     save_model_folder(out / "transformer", "transformer", cfg.transformer, sd, dtype=dtype)
     return [out / "vqgan", out / "transformer"]
+
+
+# quantizer kinds that the original taming-transformers code has no class for
+NOT_IN_ORIGINAL = {"fsq": "finite scalar quantization (FSQ)", "lfq": "lookup-free quantization (LFQ)"}
+
+
+def refuse_original_layout(cfg, what: str) -> None:
+    """A ValueError when a VQModel of `cfg` (a RunConfig, VQModelConfig or TransformerModelConfig) uses
+    a quantizer the original has no such class for: its layout cannot hold that model."""
+    if hasattr(cfg, "stage"):
+        stages = {"vqgan": cfg.vqgan} if cfg.stage == "vqgan" else {"transformer.first_stage": cfg.transformer.first_stage}
+        cond = cfg.transformer.condition.cond_vqgan if cfg.stage != "vqgan" else None
+    elif hasattr(cfg, "first_stage"):
+        stages, cond = {"first_stage": cfg.first_stage}, cfg.condition.cond_vqgan
+    else:
+        stages, cond = {"vqgan": cfg}, None
+    if cond is not None:
+        stages["condition.cond_vqgan"] = cond
+    for where, vq in stages.items():
+        kind = vq.quantizer.kind
+        if kind in NOT_IN_ORIGINAL:
+            raise ValueError(f"{what}: {where}.quantizer.kind={kind} is {NOT_IN_ORIGINAL[kind]}, and the original "
+                             "taming-transformers has no such quantizer (only VectorQuantizer2 and GumbelQuantize); "
+                             "use the taming_dist format (export without --format taming, from_pretrained)")
 
 
 def _original_vq_params(vq, loss=None) -> dict:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import yaml
 
+from taming_dist.checkpoint.export import refuse_original_layout
 from taming_dist.weights.safe_load import safe_load
 from taming_dist.config import (
     ConditionConfig,
@@ -276,6 +277,7 @@ def import_taming_checkpoint(path, *, kind: str = "auto", keep_loss: bool = Fals
     else:
         raise ValueError(f"{path} carries no hyper-parameters: pass --config with the original YAML released beside "
                          "the checkpoint (configs/*-project.yaml or model.yaml), or --preset NAME")
+    refuse_original_layout(cfg, f"import-taming {path} with {source}")
     cfg.validate()
 
     model = _build_meta(model_type, cfg)

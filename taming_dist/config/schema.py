@@ -44,7 +44,10 @@ class EncoderDecoderConfig:
 @dataclass
 class QuantizerConfig:
     """kind: vq (VectorQuantizer2), ema (EMA codebook), gumbel (GumbelQuantize), l2 (factorised,
-    l2-normalised low-dimensional lookup as in ViT-VQGAN / LlamaGen)."""
+    l2-normalised low-dimensional lookup as in ViT-VQGAN / LlamaGen), fsq (finite scalar
+    quantization, implicit codebook of prod(levels) codes), lfq (lookup-free quantization, implicit
+    codebook of 2**codebook_dim codes). For fsq and lfq, n_embed and embed_dim must name the
+    implicit codebook's size and width (checked here), so stage 2 and the tools read them as usual."""
 
     kind: str = "vq"
     n_embed: int = 1024
@@ -53,7 +56,7 @@ class QuantizerConfig:
     legacy: bool = True  # original's beta placement (on the codebook term); see docs/taming-compat.md
     ema_decay: float = 0.99
     ema_eps: float = 1e-5
-    codebook_dim: int = 8  # l2 kind only: dimension of the lookup space
+    codebook_dim: int = 8  # l2: dimension of the lookup space; lfq: bits per code
     gumbel_tau: float = 1.0
     gumbel_straight_through: bool = True  # gumbel only: hard one-hot in training (the original's default)
     kl_weight: float = 5e-4
@@ -66,13 +69,44 @@ class QuantizerConfig:
     kmeans_iters: int = 10
     # codebook usage over the last usage_window training tokens of all ranks (logged as window_usage)
     usage_window: int = 65536
+    levels: list[int] = field(default_factory=list)  # fsq only: levels per channel, e.g. [8, 5, 5, 5]
+    # lfq only: loss = beta * commitment + entropy_weight * (per-sample entropy - diversity_gamma *
+    # codebook entropy), the soft assignments at entropy_temperature, computed in groups of at most
+    # entropy_group_bits bits (2**bits probabilities per vector and group)
+    entropy_weight: float = 0.1
+    diversity_gamma: float = 1.0
+    entropy_temperature: float = 0.01
+    entropy_group_bits: int = 10
 
     def validate(self) -> None:
-        if self.kind not in ("vq", "ema", "gumbel", "l2"):
-            raise ValueError(f"quantizer.kind {self.kind!r} is not one of vq, ema, gumbel, l2")
+        if self.kind not in ("vq", "ema", "gumbel", "l2", "fsq", "lfq"):
+            raise ValueError(f"quantizer.kind {self.kind!r} is not one of vq, ema, gumbel, l2, fsq, lfq")
+        if self.levels and self.kind != "fsq":
+            raise ValueError(f"quantizer.levels {self.levels} is only used by kind fsq, not {self.kind}; remove it")
+        if self.kind == "fsq":
+            if not self.levels or min(self.levels) < 2:
+                raise ValueError(f"quantizer.kind=fsq needs quantizer.levels, a list of at least 2 levels per channel "
+                                 f"(e.g. [8, 5, 5, 5]), got {self.levels}")
+            size = 1
+            for level in self.levels:
+                size *= level
+            self._check_implicit(size, len(self.levels), f"prod(levels {self.levels})", "len(levels)")
+        if self.kind == "lfq":
+            if not 1 <= self.codebook_dim <= 30 or self.entropy_group_bits < 1 or self.entropy_temperature <= 0:
+                raise ValueError(f"quantizer.kind=lfq needs 1 <= codebook_dim <= 30 (got {self.codebook_dim}), "
+                                 f"entropy_group_bits >= 1 (got {self.entropy_group_bits}) and entropy_temperature "
+                                 f"> 0 (got {self.entropy_temperature})")
+            self._check_implicit(2**self.codebook_dim, self.codebook_dim, f"2**codebook_dim ({self.codebook_dim})",
+                                 "codebook_dim")
         if self.kmeans_iters < 1 or self.usage_window < 1:
             raise ValueError(f"quantizer.kmeans_iters ({self.kmeans_iters}) and quantizer.usage_window "
                              f"({self.usage_window}) must be at least 1")
+
+    def _check_implicit(self, size: int, width: int, size_of: str, width_of: str) -> None:
+        if self.n_embed != size or self.embed_dim != width:
+            raise ValueError(f"quantizer.kind={self.kind}: the implicit codebook has {size_of} = {size} codes of width "
+                             f"{width_of} = {width}, but n_embed={self.n_embed} and embed_dim={self.embed_dim}; set "
+                             f"quantizer.n_embed={size} quantizer.embed_dim={width}")
 
 
 @dataclass
@@ -188,10 +222,17 @@ class VQLossConfig:
     lpips_vgg_path: str = ""
     lpips_backbone: str = "pretrained"  # pretrained | random
     discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    # LeCAM regularisation of the discriminator (Tseng et al. 2021), 0 = off; the EMA of the mean
+    # real and fake logits it pulls towards decays by lecam_ema_decay per step
+    lecam_weight: float = 0.0
+    lecam_ema_decay: float = 0.999
 
     def validate(self) -> None:
         if self.disc_loss not in ("hinge", "vanilla", "non_saturating"):
             raise ValueError(f"loss.disc_loss {self.disc_loss!r} is not one of hinge, vanilla, non_saturating")
+        if self.lecam_weight < 0 or not 0.0 <= self.lecam_ema_decay < 1.0:
+            raise ValueError(f"loss.lecam_weight ({self.lecam_weight}) must be >= 0 and loss.lecam_ema_decay "
+                             f"({self.lecam_ema_decay}) in [0, 1)")
         if self.lpips_backbone not in ("pretrained", "random"):
             raise ValueError(f"loss.lpips_backbone {self.lpips_backbone!r} is not one of pretrained, random")
         self.discriminator.validate()

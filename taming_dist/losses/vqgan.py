@@ -29,6 +29,29 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float64 else t.float()
 
 
+def lecam_penalty(logits_real: torch.Tensor, logits_fake: torch.Tensor, ema: torch.Tensor) -> torch.Tensor:
+    """LeCAM regularisation (Tseng et al. 2021, "Regularizing Generative Adversarial Networks under
+    Limited Data", eq. 3, as google/lecam-gan's `lecamreg`):
+        R = mean(relu(D(x) - ema_fake)^2) + mean(relu(ema_real - D(G(z)))^2)
+    with the zero-debiased EMAs of the mean logits held in `ema` (3,) = [decay-weighted sum of real
+    means, of fake means, total weight 1 - decay^t] (`update_lecam_ema`). 0 before the first update."""
+    real, fake = _wide(logits_real), _wide(logits_fake)
+    seen = ema[2] > 0
+    w = torch.where(seen, ema[2], torch.ones_like(ema[2]))
+    ema_real, ema_fake = ema[0] / w, ema[1] / w
+    reg = F.relu(real - ema_fake).pow(2).mean() + F.relu(ema_real - fake).pow(2).mean()
+    return torch.where(seen, reg, torch.zeros_like(reg))
+
+
+@torch.no_grad()
+def update_lecam_ema(ema: torch.Tensor, mean_real: torch.Tensor, mean_fake: torch.Tensor, decay: float) -> None:
+    """One EMA step of the mean logits (the global batch's, so every rank keeps the same state) into
+    `ema` in place; the weight term makes the average zero-debiased (google/lecam-gan's
+    `zero_debias=True`): after one step it is that step's mean."""
+    new = torch.stack([mean_real.to(ema.dtype), mean_fake.to(ema.dtype), torch.ones_like(ema[2])])
+    ema.mul_(decay).add_(new, alpha=1.0 - decay)
+
+
 @dataclass
 class GeneratorObjective:
     grad_rec: torch.Tensor  # dL/dxrec of the terms on the reconstruction (fp32, no graph)
@@ -138,13 +161,21 @@ class VQGANLoss(nn.Module):
                      "d_weight": torch.as_tensor(d_weight).detach(), "disc_factor": torch.tensor(df)})
         return GeneratorObjective(grad_rec=grad_rec, codebook=codebook, loss=value, logs=logs)
 
-    def discriminator_loss(self, logits_real: torch.Tensor, logits_fake: torch.Tensor, step: int
-                           ) -> tuple[torch.Tensor, dict]:
-        """disc_factor(step) * the hinge or logistic ("vanilla"; also used for non_saturating) loss."""
+    def discriminator_loss(self, logits_real: torch.Tensor, logits_fake: torch.Tensor, step: int,
+                           lecam_ema: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """disc_factor(step) * (the hinge or logistic ("vanilla"; also used for non_saturating) loss
+        + lecam_weight * the LeCAM penalty against `lecam_ema`, when loss.lecam_weight > 0)."""
         real, fake = _wide(logits_real), _wide(logits_fake)
         if self.cfg.disc_loss == "hinge":
             d = 0.5 * (F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean())
         else:
             d = 0.5 * (F.softplus(-real).mean() + F.softplus(fake).mean())
+        logs = {"logits_real": real.mean().detach(), "logits_fake": fake.mean().detach()}
+        if self.cfg.lecam_weight > 0:
+            if lecam_ema is None:
+                raise ValueError("loss.lecam_weight > 0: the discriminator loss needs lecam_ema (update_lecam_ema)")
+            reg = lecam_penalty(real, fake, lecam_ema)
+            d = d + self.cfg.lecam_weight * reg
+            logs["lecam"] = reg.detach()
         loss = self.disc_factor(step) * d
-        return loss, {"d_loss": loss.detach(), "logits_real": real.mean().detach(), "logits_fake": fake.mean().detach()}
+        return loss, {"d_loss": loss.detach(), **logs}

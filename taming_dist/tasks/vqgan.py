@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from taming_dist.config import RunConfig
 from taming_dist.engines.base import Engine, lr_lambda_for
-from taming_dist.losses.vqgan import VQGANLoss
+from taming_dist.losses.vqgan import VQGANLoss, update_lecam_ema
 from taming_dist.models.discriminator import NLayerDiscriminator
 from taming_dist.models.quantize import fold_code_offset
 from taming_dist.models.vqgan import VQModel
@@ -33,11 +33,17 @@ from taming_dist.tasks.init import load_init_weights
 class RealFakeDiscriminator(nn.Module):
     """The PatchGAN applied to real and fake images in ONE forward call, each batch separately
     (BatchNorm statistics per call, as in the original). One call keeps DDP's rule of one
-    forward per backward. Keys are `discriminator.*`, the original's `loss.discriminator.*`."""
+    forward per backward. Keys are `discriminator.*`, the original's `loss.discriminator.*`.
 
-    def __init__(self, discriminator: nn.Module):
+    With LeCAM (loss.lecam_weight > 0) it also holds the buffer `lecam_ema` (3,), the EMA state of
+    the mean logits (losses/vqgan.py `update_lecam_ema`): a buffer of the discriminator unit, so
+    every engine's checkpoint saves and restores it with the unit's weights."""
+
+    def __init__(self, discriminator: nn.Module, lecam: bool = False):
         super().__init__()
         self.discriminator = discriminator
+        if lecam:
+            self.register_buffer("lecam_ema", torch.zeros(3))
 
     def parallel_blocks(self) -> list[nn.Module]:
         return self.discriminator.parallel_blocks()
@@ -54,7 +60,7 @@ class VQGANTask:
         self.cfg, self.engine, self.grad_accum = cfg, engine, grad_accum
         t = cfg.train
         model = VQModel(cfg.vqgan)
-        disc = RealFakeDiscriminator(NLayerDiscriminator(cfg.loss.discriminator))
+        disc = RealFakeDiscriminator(NLayerDiscriminator(cfg.loss.discriminator), lecam=cfg.loss.lecam_weight > 0)
         if cfg.init_from:
             load_init_weights(cfg.init_from, {"generator": model, "discriminator": disc.discriminator}, engine.is_main)
         model.quantize.reduce_fn = engine.reduce_fn()
@@ -121,8 +127,7 @@ class VQGANTask:
             with phase("generator_backward"):
                 eng.backward(self.G, obj.surrogate(xrec))
             recs.append((x, xrec.detach()))
-            _accumulate(stats, {**obj.logs, "perplexity": info["perplexity"], "usage": info["usage"],
-                                "window_usage": info["window_usage"]}, n)
+            _accumulate(stats, {**obj.logs, **{k: info[k] for k in QUANTIZER_LOGS if k in info}}, n)
             if "restarted" in info:  # a count over the step's micro-batches
                 stats["codes_restarted"] = stats.get("codes_restarted", 0.0) + float(info["restarted"])
         with phase("generator_optimizer_step"):
@@ -130,18 +135,27 @@ class VQGANTask:
         stats["lr"] = eng.lr(self.G)
         if disc_factor > 0.0:
             # The discriminator is not trained before disc_start (its loss is zero there anyway).
+            lecam = getattr(self.D.raw, "lecam_ema", None)
+            means = []
             for x, xrec in eng.accumulate(self.D, recs):
                 with phase("discriminator_forward"), eng.autocast():
                     real, fake = self.D.module(x, xrec)
-                    d_loss, dlogs = self.loss.discriminator_loss(real, fake, step)
+                    d_loss, dlogs = self.loss.discriminator_loss(real, fake, step, lecam_ema=lecam)
                 if not all_finite(eng, d_loss):
                     eng.discard(self.D)
                     return {**stats, "skipped": 1.0}
                 with phase("discriminator_backward"):
                     eng.backward(self.D, d_loss)
+                means.append(torch.stack([dlogs["logits_real"], dlogs["logits_fake"]]))
                 _accumulate(stats, dlogs, n)
             with phase("discriminator_optimizer_step"):
                 stats.update({f"d_{k}": v for k, v in eng.step(self.D).items()})
+            if lecam is not None:
+                # The step's mean logits over the global batch: the same EMA on every rank. It is
+                # updated after the step, so every micro-batch of a step (and every engine and
+                # accumulation split) is regularised towards the same EMA of the earlier steps.
+                mean = eng.all_reduce(torch.stack(means).mean(0), "mean")
+                update_lecam_ema(lecam, mean[0], mean[1], self.cfg.loss.lecam_ema_decay)
         stats["skipped"] = float(stats.get("g_skipped", 0.0) or stats.get("d_skipped", 0.0))
         return eng.mean_over_ranks(stats)
 
@@ -168,6 +182,10 @@ class VQGANTask:
         sd = self.engine.full_state_dict(self.G, ema=ema and bool(self.G.ema))
         if self.engine.is_main:
             save_model_folder(folder, "vqgan", self.cfg.vqgan, fold_code_offset(sd))
+
+
+# what the step logs from the quantizer's info (LFQ adds its two entropy terms)
+QUANTIZER_LOGS = ("perplexity", "usage", "window_usage", "per_sample_entropy", "codebook_entropy")
 
 
 def _accumulate(stats: dict, logs: dict, n: int) -> None:

@@ -330,3 +330,34 @@ def test_a_quantizer_without_its_place_fails_the_codebook_comparison(runs):
     """Negative control: rank 1 told it holds rank 0's rows assembles the wrong k-means start."""
     ref, got = spec("vqgan", "single", CODEBOOK), spec("vqgan", "fsdp", CODEBOOK, "break=quantizer_unplaced")
     assert update_mismatches(runs.tensors(ref), runs.tensors(got))
+
+
+# Implicit codebooks and LeCAM (issue 12): FSQ and LFQ tokenizers trained with the LeCAM penalty
+# (weight 10 so that it moves the discriminator visibly; EMA decay 0.5 so its state moves within 5
+# steps). LFQ's codebook entropy is a function of the global batch (one reduce per forward, its
+# gradient scaled by dp_size), so it runs on DDP with accumulation (the batch of each micro-step),
+# FSDP2 and ZeRO-3; FSQ, collective-free but for the usage counts, on ZeRO-2. The LeCAM EMA is a
+# buffer of the discriminator unit and is compared like the weights.
+LECAM = "loss.lecam_weight=10:loss.lecam_ema_decay=0.5"
+FSQ = f"vqgan.quantizer.kind=fsq:vqgan.quantizer.levels=[8,5,5,5]:vqgan.quantizer.n_embed=1000:vqgan.quantizer.embed_dim=4:{LECAM}"
+LFQ = ("vqgan.quantizer.kind=lfq:vqgan.quantizer.codebook_dim=6:vqgan.quantizer.n_embed=64:vqgan.quantizer.embed_dim=6:"
+       f"vqgan.quantizer.entropy_group_bits=3:vqgan.quantizer.entropy_temperature=0.1:{LECAM}")
+IMPLICIT = [(FSQ, "deepspeed:2", ()), (LFQ, "ddp", ("accum",)), (LFQ, "fsdp", ()), (LFQ, "deepspeed:3", ())]
+REF += [spec("vqgan", "single", FSQ), spec("vqgan", "single", LFQ), spec("vqgan", "single", "accum", LFQ)]
+DIST += [spec("vqgan", e, *flags, q) for q, e, flags in IMPLICIT]
+
+
+@pytest.mark.parametrize("quantizer,engine,flags", IMPLICIT, ids=[f"{'fsq' if q == FSQ else 'lfq'}-{e}-{'-'.join(f) or 'plain'}"
+                                                                   for q, e, f in IMPLICIT])
+def test_fsq_lfq_and_lecam_match_one_process(runs, quantizer, engine, flags):
+    ref, got = spec("vqgan", "single", *flags, quantizer), spec("vqgan", engine, *flags, quantizer)
+    rh = runs[ref]["history"]
+    # the mechanisms ran: LeCAM from the second step on (the EMA exists), LFQ's entropy terms logged
+    assert rh[0]["lecam"] == 0.0 and all(h["lecam"] > 0 for h in rh[1:]), rh
+    keys = VQ_KEYS + ["usage", "lecam"] + (["per_sample_entropy", "codebook_entropy"] if quantizer == LFQ else [])
+    _losses_match(runs[ref], runs[got], keys)
+    assert runs[got]["replica_spread"] == 0.0
+    ref_t, got_t = runs.tensors(ref), runs.tensors(got)
+    assert float(ref_t["updates"]["discriminator"]["lecam_ema"][2]) == pytest.approx(1 - 0.5**5)  # 5 EMA updates
+    bad = update_mismatches(ref_t, got_t)  # the lecam_ema buffer included
+    assert not bad, "\n".join(bad)

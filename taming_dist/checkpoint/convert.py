@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from taming_dist.checkpoint.manager import read_manifest
+from taming_dist.checkpoint.manager import read_manifest, single_process_dcp_quiet
 from taming_dist.engines.deepspeed import ema_rank_key, unflatten_zero3
 from taming_dist.progress import progress
 
@@ -54,7 +54,8 @@ def read_dcp_tensors(folder: Path, prefixes: list[str], desc: str = "convert") -
                 key = pending.pop()
                 group[key] = state[key]
                 size += state[key].nbytes
-            dcp.load(group, storage_reader=reader, no_dist=True)  # into the tensors of `state`, in place
+            with single_process_dcp_quiet():
+                dcp.load(group, storage_reader=reader, no_dist=True)  # into the tensors of `state`, in place
             bar.update(size)
     return state
 

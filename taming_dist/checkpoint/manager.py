@@ -162,7 +162,7 @@ class CheckpointManager:
         run.rank_state = _to_bytes({"rng": rng_state(), **rank_state})
         state = {name: UnitState(eng, u) for name, u in units.items()}
         state["run"] = run
-        with _single_process_dcp_quiet():
+        with single_process_dcp_quiet():
             dcp.save(state, checkpoint_id=str(tmp / "state"))
         if eng.is_main:
             manifest = {"format": FORMAT, "version": VERSION, "step": step, "engine": eng.kind,
@@ -201,7 +201,7 @@ class CheckpointManager:
         run = RunState(eng.env.rank, read_rank=eng.env.rank if same_world else 0)
         state = {name: UnitState(eng, u) for name, u in units.items()}
         state["run"] = run
-        with _single_process_dcp_quiet():
+        with single_process_dcp_quiet():
             dcp.load(state, checkpoint_id=str(path / "state"))
         extra = _from_bytes(run.rank_state)
         rng = extra.pop("rng")
@@ -211,7 +211,7 @@ class CheckpointManager:
 
 
 @contextmanager
-def _single_process_dcp_quiet():
+def single_process_dcp_quiet():
     """A one-process run (engine.kind=single, no process group) saves and loads DCP without
     torch.distributed, which is what we intend; DCP says so in a UserWarning each time."""
     with warnings.catch_warnings():

@@ -19,13 +19,31 @@ from taming_dist.tasks.base import all_finite, to_device
 from taming_dist.tasks.init import load_init_weights, read_weights
 
 
+# Quantizer buffers that only training uses (restart usage statistics, the k-means flag, the code
+# offset, which exports fold into the codebook and leave at zero): a frozen first stage built from
+# the transformer's config may lack them, and nothing it computes depends on them.
+TRAINING_ONLY_BUFFERS = ("quantize.code_usage", "quantize.kmeans_done", "quantize.code_offset")
+
+
+def load_first_stage(vqgan, state_dict: dict) -> None:
+    """Strict load of a trained VQGAN's weights into the frozen first stage, except for the
+    training-only quantizer buffers the first stage does not have (a nonzero offset is refused)."""
+    own = vqgan.state_dict()
+    extra = [k for k in state_dict if k not in own and k in TRAINING_ONLY_BUFFERS]
+    offset = state_dict.get("quantize.code_offset")
+    if "quantize.code_offset" in extra and offset is not None and bool(offset.abs().sum() > 0):
+        raise ValueError("first_stage_ckpt has an unfolded quantize.code_offset: export the VQGAN run "
+                         "(`taming-dist export RUN OUT`) and pass the exported folder")
+    vqgan.load_state_dict({k: v for k, v in state_dict.items() if k not in extra}, strict=True)
+
+
 class TransformerTask:
     def __init__(self, cfg: RunConfig, engine: Engine, grad_accum: int):
         self.cfg, self.engine = cfg, engine
         t, mcfg = cfg.train, cfg.transformer
         model = Transformer(mcfg)
         if cfg.first_stage_ckpt:
-            model.first_stage_model.load_state_dict(read_weights(cfg.first_stage_ckpt), strict=True)
+            load_first_stage(model.first_stage_model, read_weights(cfg.first_stage_ckpt))
         elif cfg.data.kind != "codes" and not cfg.init_from:
             raise ValueError(
                 "stage=transformer needs first_stage_ckpt (a trained VQGAN: model folder, run folder or file) "

@@ -309,3 +309,33 @@ def test_config_checks():
     with pytest.raises(ValueError, match="kmeans_iters"):
         QuantizerConfig(kmeans_init=True, kmeans_iters=0).validate()
     assert build_quantizer(QuantizerConfig(kind="vq", kmeans_init=False), 4).kmeans_iters == 0
+
+
+def test_a_first_stage_trained_with_kmeans_and_restarts_loads_into_a_plain_transformer_config():
+    # Stage 2 builds its frozen VQGAN from the transformer's config (no k-means, no restarts); the
+    # exported weights of a VQGAN trained with both carry their training-only buffers.
+    import dataclasses
+
+    from taming_dist.config import load_config
+    from taming_dist.models.quantize import fold_code_offset
+    from taming_dist.models.transformer import Transformer
+    from taming_dist.models.vqgan import VQModel
+    from taming_dist.tasks.transformer import load_first_stage
+
+    tcfg = load_config("transformer-tiny").transformer
+    fs = tcfg.first_stage
+    trained_cfg = dataclasses.replace(fs, quantizer=dataclasses.replace(fs.quantizer, kmeans_init=True,
+                                                                        dead_code_threshold=0.3))
+    trained = VQModel(trained_cfg)
+    sd = trained.state_dict()
+    assert {"quantize.code_offset", "quantize.kmeans_done", "quantize.code_usage"} <= set(sd)
+    sd["quantize.code_offset"] += 0.5
+    with pytest.raises(ValueError, match="unfolded quantize.code_offset"):
+        load_first_stage(Transformer(tcfg).first_stage_model, sd)
+    folded = fold_code_offset(sd)
+    model = Transformer(tcfg)
+    load_first_stage(model.first_stage_model, folded)
+    assert torch.equal(model.first_stage_model.quantize.embedding.weight, folded["quantize.embedding.weight"])
+    folded["encoder.bogus"] = torch.zeros(1)
+    with pytest.raises(RuntimeError, match="encoder.bogus"):
+        load_first_stage(Transformer(tcfg).first_stage_model, folded)

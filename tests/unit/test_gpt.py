@@ -126,14 +126,20 @@ def _chunks(gpt, idx, sizes, context=None):
     return torch.cat(out, dim=1)
 
 
-@pytest.mark.parametrize("cross", [False, True])
-@pytest.mark.parametrize("n_unmasked", [0, 4])
-def test_kv_cache_matches_full_forward(cross, n_unmasked):
+def _model_and_inputs(cross: bool, n_unmasked: int, length: int):
+    """A tiny GPT (with cross-attention and an unmasked prefix when asked, non-trivial position
+    embeddings), token ids (2, length) and the context (or None)."""
     gpt = tiny(cross_attention=cross, context_dim=8 if cross else 0, n_unmasked=n_unmasked)
     with torch.no_grad():
         gpt.pos_emb.normal_(std=0.5)
-    idx = torch.randint(0, 40, (2, 14))
-    context = torch.randn(2, 5, 8) if cross else None
+    idx = torch.randint(0, 40, (2, length))
+    return gpt, idx, torch.randn(2, 5, 8) if cross else None
+
+
+@pytest.mark.parametrize("cross", [False, True])
+@pytest.mark.parametrize("n_unmasked", [0, 4])
+def test_kv_cache_matches_full_forward(cross, n_unmasked):
+    gpt, idx, context = _model_and_inputs(cross, n_unmasked, 14)
     with torch.no_grad():
         full = gpt(idx, context=context)
         for sizes in ([4, 1, 1, 1, 7], [14], [5, 3, 1, 5]):
@@ -143,11 +149,7 @@ def test_kv_cache_matches_full_forward(cross, n_unmasked):
 @pytest.mark.parametrize("cross", [False, True])
 @pytest.mark.parametrize("n_unmasked", [0, 4])
 def test_decode_step_matches_cached_forward(cross, n_unmasked):
-    gpt = tiny(cross_attention=cross, context_dim=8 if cross else 0, n_unmasked=n_unmasked)
-    with torch.no_grad():
-        gpt.pos_emb.normal_(std=0.5)
-    idx = torch.randint(0, 40, (2, 12))
-    context = torch.randn(2, 5, 8) if cross else None
+    gpt, idx, context = _model_and_inputs(cross, n_unmasked, 12)
     with torch.no_grad():
         ref = _chunks(gpt, idx, [5] + [1] * 7, context)[:, 4:]  # logits after each fed token from 4 on
         cache = gpt.make_cache(12)

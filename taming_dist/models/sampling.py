@@ -135,8 +135,12 @@ def generate(gpt: GPT, prefix: torch.Tensor, num_steps: int, *, context: Optiona
              null_prefix: Optional[torch.Tensor] = None, null_context: Optional[torch.Tensor] = None,
              cfg_scale: Optional[float] = None, use_cache: bool = True, generator: Optional[torch.Generator] = None,
              temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
-             compile: bool = False) -> torch.Tensor:
+             compile: bool = False, vocab_limit: Optional[int] = None) -> torch.Tensor:
     """Sample `num_steps` tokens after `prefix` (B, P) -> (B, num_steps) long.
+
+    `vocab_limit` N restricts the sampled tokens to [0, N): the logits of the rest are set to -inf
+    after guidance and before temperature, top-k / top-p (a GPT whose vocabulary is larger than the first
+    stage's codebook must never emit a code the decoder does not have).
 
     With `cfg_scale` other than None/1.0, the null-conditioned prefix (and context) run in the same
     batch of 2B and the logits are guided; scale 1.0 is exactly conditional sampling, so that path
@@ -158,6 +162,10 @@ def generate(gpt: GPT, prefix: torch.Tensor, num_steps: int, *, context: Optiona
     if compile and gpt.training:
         raise ValueError("compile=True samples in eval mode only (compiled dropout draws differ from "
                          "eager); call gpt.eval() first")
+    vocab = gpt.config.vocab_size
+    if vocab_limit is not None and not 1 <= vocab_limit <= vocab:
+        raise ValueError(f"vocab_limit {vocab_limit} must lie in [1, {vocab}] (the GPT's vocabulary)")
+    limit = None if vocab_limit is None or vocab_limit == vocab else vocab_limit
     guided = cfg_scale is not None and cfg_scale != 1.0
     if guided:
         if null_prefix is None or null_prefix.shape != prefix.shape:
@@ -170,6 +178,8 @@ def generate(gpt: GPT, prefix: torch.Tensor, num_steps: int, *, context: Optiona
     def pick(logits: torch.Tensor) -> torch.Tensor:  # (B or 2B, V) -> (B,)
         if guided:
             logits = guided_logits(logits[:B].float(), logits[B:].float(), cfg_scale)
+        if limit is not None:  # after guidance: -inf - -inf would be nan there
+            logits = logits.float().index_fill(-1, torch.arange(limit, vocab, device=logits.device), float("-inf"))
         return sample_next(logits, generator, temperature, top_k, top_p)
 
     def widen(tok: torch.Tensor) -> torch.Tensor:  # (B,) -> (B or 2B, 1): both halves get the same token

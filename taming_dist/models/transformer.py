@@ -224,7 +224,8 @@ class Transformer(nn.Module):
         null_full = torch.cat([null, prefix], dim=1) if guided else None
         new = generate(self.transformer, full, num_steps, context=context, null_prefix=null_full,
                        cfg_scale=cfg_scale, use_cache=use_cache, generator=generator, temperature=temperature,
-                       top_k=top_k, top_p=top_p, compile=compile)
+                       top_k=top_k, top_p=top_p, compile=compile,
+                       vocab_limit=self.first_stage_model.config.quantizer.n_embed)
         return torch.cat([prefix, new], dim=1)  # (B, P + num_steps)
 
     def transform(self, image: torch.Tensor, condition: Condition, strength: float = 0.8, **kwargs) -> torch.Tensor:

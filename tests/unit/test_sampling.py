@@ -112,6 +112,38 @@ def test_generate_length_checks():
         generate(gpt, torch.zeros(1, 1, dtype=torch.long), 3, cfg_scale=2.0)
 
 
+
+@pytest.mark.parametrize("kw", [{}, dict(cfg_scale=2.0), dict(top_p=0.95, temperature=1.5)])
+def test_vocab_limit_never_samples_past_the_codebook(kw):
+    """A GPT whose vocabulary (32) is larger than the codebook (10): with vocab_limit, no sampled
+    token is >= 10, also under guidance (masked after it, so no nan) and top-p; without it, the
+    same draws do emit such tokens (the check is not vacuous)."""
+    gpt = tiny()
+    with torch.no_grad():  # make the tokens past the codebook the likeliest ones
+        gpt.head.weight[10:] += 3.0 * gpt.head.weight[10:].sign()
+    prefix = torch.randint(0, 10, (8, 1))
+    null = torch.full((8, 1), 11) if "cfg_scale" in kw else None
+    free = generate(gpt, prefix, 15, generator=gen(0), null_prefix=null, **kw)
+    assert (free >= 10).any()
+    limited = generate(gpt, prefix, 15, generator=gen(0), null_prefix=null, vocab_limit=10, **kw)
+    assert limited.max() < 10 and limited.min() >= 0
+    assert torch.equal(limited, generate(gpt, prefix, 15, generator=gen(0), null_prefix=null, vocab_limit=10,
+                                         use_cache=False, **kw))
+    with pytest.raises(ValueError, match="vocab_limit 33"):
+        generate(gpt, prefix, 2, vocab_limit=33)
+
+
+def test_transformer_samples_only_codes_of_its_first_stage():
+    """transformer-tiny with gpt.vocab_size 512 over a 128-code first stage: sample() keeps to the
+    codebook even when the GPT favours the tokens past it."""
+    cfg = load_config("transformer-tiny", ["transformer.gpt.vocab_size=512", "transformer.gpt.n_layer=1"]).transformer
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    with torch.no_grad():
+        model.transformer.head.weight[128:] += 1.0
+    codes = model.sample([0, 1, 2, 3], top_k=None, generator=gen(0))
+    assert codes.shape == (4, 64) and codes.max() < 128
+
 # (model options, sampling options) the fixed-shape step must decode exactly as the cached loop does
 CASES = {
     "plain": ({}, {}),

@@ -31,6 +31,15 @@ SETTINGS = {
     "restarts": RESTARTS,
     "kmeans+restarts": KMEANS + RESTARTS,
     "l2+kmeans": ["vqgan.quantizer.kind=l2"] + KMEANS,
+    # the same k-means + restarts on a codebook as large as the implicit ones below
+    "kmeans+restarts-1024": ["vqgan.quantizer.n_embed=1024"] + KMEANS + RESTARTS,
+    # finite scalar quantization, the paper's ~2^10 level set (vqgan-fsq-tiny's quantizer)
+    "fsq": ["vqgan.quantizer.kind=fsq", "vqgan.quantizer.levels=[8,5,5,5]", "vqgan.quantizer.n_embed=1000",
+            "vqgan.quantizer.embed_dim=4"],
+    # lookup-free quantization, 10 bits with the entropy terms (vqgan-lfq-tiny's quantizer)
+    "lfq": ["vqgan.quantizer.kind=lfq", "vqgan.quantizer.codebook_dim=10", "vqgan.quantizer.n_embed=1024",
+            "vqgan.quantizer.embed_dim=10", "vqgan.quantizer.entropy_group_bits=5",
+            "vqgan.quantizer.entropy_weight=0.1", "vqgan.quantizer.entropy_temperature=0.01"],
 }
 DEFAULT = ["vq", "l2", "kmeans", "restarts", "kmeans+restarts"]
 COLUMNS = ("psnr", "ssim", "usage", "perplexity", "train_window_usage", "train_s")
@@ -64,11 +73,12 @@ def train_and_score(name: str, overrides: list[str], args, heldout: str, out_dir
 
 
 def format_table(rows: list[dict]) -> str:
-    head = f"{'setting':<16}" + "".join(f"{c:>20}" for c in COLUMNS)
+    w = max(16, *(len(r["setting"]) + 2 for r in rows))
+    head = f"{'setting':<{w}}" + "".join(f"{c:>20}" for c in COLUMNS)
     lines = [head, "-" * len(head)]
     for r in rows:
         cells = "".join(f"{r[c]:>20.4f}" if isinstance(r[c], float) else f"{str(r[c]):>20}" for c in COLUMNS)
-        lines.append(f"{r['setting']:<16}" + cells)
+        lines.append(f"{r['setting']:<{w}}" + cells)
     return "\n".join(lines)
 
 

@@ -3,6 +3,8 @@ a table, runs/demo/report.json and one picture, runs/demo/overview.png.
 
 - Reconstruction: PSNR / SSIM / codebook usage and perplexity of the VQGAN on held-out images
   (other seeds than training, the same 12 classes: data/synthetic.py's `heldout` split).
+- The class accuracy of the reconstructions of held-out images: the ceiling of the samples' class
+  accuracy (a sample cannot look more like its class than the tokenizer can draw it).
 - Samples: the class accuracy of the class-conditional samples and their Frechet distance to the
   held-out split, both in the feature space of the small offline classifier (eval/classifier.py),
   with `fd_real`, what as many real training images score, for scale.
@@ -21,12 +23,12 @@ TARGETS = {"psnr": 24.0, "usage": 0.90, "class_accuracy": 0.90}
 
 
 def demo_quality(vqgan, transformer, samples: torch.Tensor, labels: torch.Tensor, out: Path,
-                 heldout_images: int = 512) -> dict:
+                 heldout_images: int = 512, sampling: dict | None = None) -> dict:
     """Measure, print the table, write report.json and overview.png under `out`; returns the dict.
     `samples`: (N, 3, S, S) in [-1, 1] generated for `labels` (N,)."""
     from taming_dist.config import DataConfig
     from taming_dist.data.images import to_uint8
-    from taming_dist.data.synthetic import CLASS_NAMES, ensure_synthetic
+    from taming_dist.data.synthetic import CLASS_NAMES, SPLIT_SEEDS, ensure_synthetic, generate
     from taming_dist.eval.classifier import load_classifier, score_images
     from taming_dist.eval.recon import evaluate_reconstruction
 
@@ -37,19 +39,27 @@ def demo_quality(vqgan, transformer, samples: torch.Tensor, labels: torch.Tensor
                                                   max_samples=heldout_images, num_examples=8)
     classifier, entry = load_classifier()
     scores = score_images(classifier, entry, to_uint8(samples), labels.numpy())
+    held, held_labels = generate(240, size, len(CLASS_NAMES), seed=SPLIT_SEEDS["heldout"])
+    with torch.no_grad():
+        x = torch.from_numpy(held).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+        quant, _, _ = vqgan.encode(x)
+        recon_scores = score_images(classifier, entry, to_uint8(vqgan.decode(quant).clamp(-1, 1)), held_labels)
     report = {
         "heldout_reconstruction": {"images": recon["samples"], "psnr": recon["psnr"], "ssim": recon["ssim"],
                                    "usage": recon["codebook"]["usage"], "perplexity": recon["codebook"]["perplexity"],
-                                   "codebook_size": recon["codebook"]["codebook_size"]},
+                                   "codebook_size": recon["codebook"]["codebook_size"],
+                                   "class_accuracy": recon_scores["class_accuracy"],
+                                   "class_accuracy_images": int(len(held_labels))},
         "samples": {"count": int(len(labels)), "class_accuracy": scores["class_accuracy"],
                     "per_class_accuracy": scores["per_class_accuracy"], "fd": scores["fd"],
-                    "fd_real": scores["fd_real"]},
+                    "fd_real": scores["fd_real"], "sampling": dict(sampling or {})},
         "targets": TARGETS,
     }
     rows = [("reconstruction PSNR (dB)", report["heldout_reconstruction"]["psnr"], TARGETS["psnr"], "{:.2f}"),
             ("reconstruction SSIM", report["heldout_reconstruction"]["ssim"], None, "{:.3f}"),
             ("codebook usage", report["heldout_reconstruction"]["usage"], TARGETS["usage"], "{:.1%}"),
             ("codebook perplexity", report["heldout_reconstruction"]["perplexity"], None, "{:.1f}"),
+            ("reconstructions of their own class", recon_scores["class_accuracy"], None, "{:.1%}"),
             ("samples of their own class", scores["class_accuracy"], TARGETS["class_accuracy"], "{:.1%}"),
             ("sample FD (classifier features)", scores["fd"], None, "{:.2f}"),
             ("  FD of real images, for scale", scores["fd_real"], None, "{:.2f}")]

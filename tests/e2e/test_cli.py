@@ -47,6 +47,13 @@ def test_demo_pipeline_sample_and_reconstruct(tmp_path):
     assert rec["images"] == 512 and 0 < rec["psnr"] < 60 and 0 < rec["usage"] <= 1 and samples["count"] == 96
     assert 0 <= samples["class_accuracy"] <= 1 and len(samples["per_class_accuracy"]) == 12
     assert samples["fd"] > samples["fd_real"] >= 0  # 12 steps: far from real images
+    assert 0 <= rec["class_accuracy"] <= 1 and rec["class_accuracy_images"] == 240
+    # the demo's own settings are on: guided sampling, and k-means init of the codebook (its done flag)
+    assert samples["sampling"] == {"top_k": 32, "cfg_scale": 3.0} and "cfg_scale 3.0" in p.stdout
+    assert "kmeans_init=true" in p.stdout and "dead_code_threshold=0.3" in p.stdout
+    import yaml
+    quantizer = yaml.safe_load((out / "vqgan" / "config.yaml").read_text())["vqgan"]["quantizer"]
+    assert quantizer["kmeans_init"] is True and quantizer["dead_code_threshold"] == 0.3
     overview = Image.open(out / "overview.png")
     assert overview.size[1] >= (2 + 12) * 2 * 32  # originals, reconstructions, a row per class, 2x scale
     assert 'id="run-vqgan"' in (out / "report.html").read_text()

@@ -33,3 +33,12 @@ def test_readme_inference_example_runs(tmp_path):
     assert scope["image"].min() >= -1 and scope["image"].max() <= 1
     assert scope["samples"].shape == (4, 64) and scope["guided"].shape == (1, 64)
     assert torch.equal(scope["transformed"], scope["same"])
+
+
+def test_local_links_and_pictures_exist():
+    """Every relative link or picture of the README (docs/demo-overview.png, ...) is in the repository."""
+    targets = re.findall(r"\]\(([^)#\s]+)[^)]*\)", README.read_text())
+    local = [t for t in targets if "://" not in t and not t.startswith("mailto:")]
+    assert "docs/demo-overview.png" in local
+    missing = [t for t in local if not (README.parent / t).exists()]
+    assert not missing, f"README links to files that are not in the repository: {missing}"

@@ -63,7 +63,7 @@ def crop(region: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
     y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
     out = Image.fromarray(region[y:y + side, x:x + side]).resize((size, size), Image.BICUBIC)
     out = np.asarray(out)
-    return out[:, ::-1] if rng.random() < 0.5 else out
+    return np.ascontiguousarray(out[:, ::-1]) if rng.random() < 0.5 else out
 
 
 def write_split(photos: dict[str, np.ndarray], split: str, count: int, size: int, out: str, seed: int) -> dict:
@@ -71,13 +71,13 @@ def write_split(photos: dict[str, np.ndarray], split: str, count: int, size: int
 
     rng = np.random.default_rng([seed, 0 if split == "train" else 1])
     names = sorted(photos)
+    parts = {name: regions(photos[name])[split] for name in names}
     with tempfile.TemporaryDirectory(prefix=f"photo-{split}-") as tmp:
         for name in names:
             os.makedirs(os.path.join(tmp, name))
         for i in range(count):
             name = names[i % len(names)]
-            Image.fromarray(np.ascontiguousarray(crop(regions(photos[name])[split], size, rng))).save(
-                os.path.join(tmp, name, f"{i:06d}.png"))
+            Image.fromarray(crop(parts[name], size, rng)).save(os.path.join(tmp, name, f"{i:06d}.png"))
         return write_shards(tmp, os.path.join(out, split), max_count=max(64, count // 16), seed=seed)
 
 

@@ -42,8 +42,7 @@ def demo_quality(vqgan, transformer, samples: torch.Tensor, labels: torch.Tensor
     held, held_labels = generate(240, size, len(CLASS_NAMES), seed=SPLIT_SEEDS["heldout"])
     with torch.no_grad():
         x = torch.from_numpy(held).permute(0, 3, 1, 2).float().div(127.5).sub(1)
-        quant, _, _ = vqgan.encode(x)
-        recon_scores = score_images(classifier, entry, to_uint8(vqgan.decode(quant).clamp(-1, 1)), held_labels)
+        recon_scores = score_images(classifier, entry, to_uint8(vqgan(x)[0]), held_labels)
     report = {
         "heldout_reconstruction": {"images": recon["samples"], "psnr": recon["psnr"], "ssim": recon["ssim"],
                                    "usage": recon["codebook"]["usage"], "perplexity": recon["codebook"]["perplexity"],

@@ -165,7 +165,8 @@ def generate(gpt: GPT, prefix: torch.Tensor, num_steps: int, *, context: Optiona
     vocab = gpt.config.vocab_size
     if vocab_limit is not None and not 1 <= vocab_limit <= vocab:
         raise ValueError(f"vocab_limit {vocab_limit} must lie in [1, {vocab}] (the GPT's vocabulary)")
-    limit = None if vocab_limit is None or vocab_limit == vocab else vocab_limit
+    # the token ids past the limit, masked in every pick (None: nothing to mask)
+    past = None if vocab_limit in (None, vocab) else torch.arange(vocab_limit, vocab, device=prefix.device)
     guided = cfg_scale is not None and cfg_scale != 1.0
     if guided:
         if null_prefix is None or null_prefix.shape != prefix.shape:
@@ -178,8 +179,8 @@ def generate(gpt: GPT, prefix: torch.Tensor, num_steps: int, *, context: Optiona
     def pick(logits: torch.Tensor) -> torch.Tensor:  # (B or 2B, V) -> (B,)
         if guided:
             logits = guided_logits(logits[:B].float(), logits[B:].float(), cfg_scale)
-        if limit is not None:  # after guidance: -inf - -inf would be nan there
-            logits = logits.float().index_fill(-1, torch.arange(limit, vocab, device=logits.device), float("-inf"))
+        if past is not None:  # after guidance: -inf - -inf would be nan there
+            logits = logits.float().index_fill(-1, past, float("-inf"))
         return sample_next(logits, generator, temperature, top_k, top_p)
 
     def widen(tok: torch.Tensor) -> torch.Tensor:  # (B,) -> (B or 2B, 1): both halves get the same token

@@ -1,5 +1,10 @@
+import faulthandler
 import os
+import signal
 import sys
+import threading
+import uuid
+import warnings
 from pathlib import Path
 
 import pytest
@@ -10,6 +15,121 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
 os.environ.setdefault("TAMING_DIST_CACHE", str(REPO / ".cache" / "taming_dist"))
+
+# ---- a hung test fails, it does not eat the CI budget (README, "Tests") ----
+# Each phase (setup / call / teardown) of a test gets a deadline. At the deadline the stacks of all
+# threads are printed and the phase raises TimeoutError (a failed test; the suite goes on). If the
+# main thread is stuck in C code and cannot take the exception, pytest itself is ended 120 s later
+# (TD_TEST_HARD_GRACE_S) with the stacks printed on the terminal, so CI shows where it hung instead
+# of running into its own time limit.
+TIMEOUT_ENV = "TD_TEST_TIMEOUT_S"
+PHASE_LIMIT_S = {"setup": 1800, "call": 900, "teardown": 900}  # setup may apt-get SLURM on a fresh box
+GRACE_ENV = "TD_TEST_HARD_GRACE_S"
+
+
+def _limit(phase: str) -> int:
+    return int(os.environ.get(TIMEOUT_ENV, PHASE_LIMIT_S[phase]))
+
+
+_config = None
+
+
+def pytest_configure(config):
+    global _config
+    _config = config
+
+
+def _hard_stop(nodeid: str, phase: str, after: int) -> None:
+    """From a timer thread: the main thread never took the TimeoutError. Give the terminal back from
+    pytest's output capture (else the stacks would go to a capture file that dies with us), print
+    where every thread is, and end the run."""
+    capman = _config.pluginmanager.getplugin("capturemanager") if _config else None
+    if capman is not None:
+        capman.suspend_global_capture(in_=False)
+    sys.stderr.write(f"\n{nodeid}: {phase} still running {after} s after its deadline could not "
+                     f"interrupt it; ending pytest. Stacks of all threads:\n")
+    sys.stderr.flush()
+    faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+    sys.stderr.flush()
+    os._exit(3)
+
+
+def _deadline(phase: str, item):
+    limit = _limit(phase)
+    grace = int(os.environ.get(GRACE_ENV, 120))
+
+    def on_alarm(signum, frame):
+        faulthandler.dump_traceback(all_threads=True)
+        raise TimeoutError(f"{item.nodeid}: {phase} ran past {limit} s ({TIMEOUT_ENV}); the stacks of all "
+                           "threads are printed above")
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(limit)
+    hard = threading.Timer(limit + grace, _hard_stop, (item.nodeid, phase, grace))
+    hard.daemon = True
+    hard.start()
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        hard.cancel()
+        signal.signal(signal.SIGALRM, old)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    yield from _deadline("setup", item)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    yield from _deadline("call", item)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item):
+    yield from _deadline("teardown", item)
+
+
+# Every process a test starts inherits TD_TEST_PROCESS_TAG (unique per test) unless the test builds
+# its environment from nothing. After the test, any such process still alive is killed and named in
+# a warning: a failed or hung test must not leave ranks burning the CPU for the tests after it.
+# Session fixtures (the SLURM daemons) start before the tag is set and are not touched.
+PROCESS_TAG_ENV = "TD_TEST_PROCESS_TAG"
+_MP_HELPERS = (b"multiprocessing.resource_tracker", b"multiprocessing.forkserver")
+
+
+def tagged_processes(tag: str) -> list[int]:
+    want = f"{PROCESS_TAG_ENV}={tag}".encode()
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            cmdline = (d / "cmdline").read_bytes()
+            if any(h in cmdline for h in _MP_HELPERS):
+                continue  # Python restarts these helpers on demand; killing them only adds warnings
+            if want in (d / "environ").read_bytes().split(b"\0"):
+                found.append(int(d.name))
+        except OSError:  # gone, or not ours to read
+            continue
+    return found
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_processes(request):
+    tag = uuid.uuid4().hex
+    os.environ[PROCESS_TAG_ENV] = tag
+    yield
+    os.environ.pop(PROCESS_TAG_ENV, None)
+    left = tagged_processes(tag)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    if left:
+        warnings.warn(f"{request.node.nodeid} left {len(left)} process(es) running: killed {left}")
 
 
 @pytest.fixture

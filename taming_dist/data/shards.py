@@ -276,9 +276,15 @@ def plan_shards(sizes: list[int], max_count: int, max_size: int) -> list[list[in
 
 def _imap(fn: Callable, jobs: list, workers: int) -> Iterator:
     """fn over jobs, in order, as results come: in `workers` processes (one whole-shard job at a
-    time each) or in this one when there is nothing to share."""
+    time each) or in this one when there is nothing to share.
+
+    The workers come from a fork server, not from fork(): a fork of a process that runs other threads
+    (a trainer's watchdog, a data loader, a test runner's leftovers) can copy a lock that one of them
+    held and hang in the child. The server imports this module once; each worker is forked from it."""
     if workers > 1 and len(jobs) > 1:
-        with multiprocessing.get_context().Pool(min(workers, len(jobs))) as pool:
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload([__name__])
+        with ctx.Pool(min(workers, len(jobs))) as pool:
             yield from pool.imap(fn, jobs)
     else:
         yield from map(fn, jobs)

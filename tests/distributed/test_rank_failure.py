@@ -79,18 +79,23 @@ class Job:
 
 def test_kill_9_of_one_rank_ends_the_job_under_torchrun_and_the_deepspeed_launcher(tmp_path):
     # Both launchers at once (4 processes); each check waits on its own job.
-    jobs = {"torchrun": Job([*TORCHRUN, f"--master_port={free_port()}"], tmp_path / "torchrun", "engine.kind=ddp"),
-            "deepspeed": Job([DEEPSPEED, "--num_accelerators", "2", "--master_port", str(free_port())],
-                             tmp_path / "deepspeed", "engine.kind=deepspeed", "engine.zero_stage=2")}
-    for job in jobs.values():
-        job.wait_for_step()
-    for job in jobs.values():
-        os.kill(job.rank_pid(1), signal.SIGKILL)
-    for name, job in jobs.items():
-        took = job.end(60)
-        assert took is not None, f"{name}: still running 60 s after rank 1 was killed:\n{job.output()[-3000:]}"
-        assert job.p.returncode != 0, job.output()[-3000:]
-        print(f"\n{name}: the job ended {took:.1f} s after kill -9 of rank 1")
+    jobs = {}
+    try:
+        jobs["torchrun"] = Job([*TORCHRUN, f"--master_port={free_port()}"], tmp_path / "torchrun", "engine.kind=ddp")
+        jobs["deepspeed"] = Job([DEEPSPEED, "--num_accelerators", "2", "--master_port", str(free_port())],
+                                tmp_path / "deepspeed", "engine.kind=deepspeed", "engine.zero_stage=2")
+        for job in jobs.values():
+            job.wait_for_step()
+        for job in jobs.values():
+            os.kill(job.rank_pid(1), signal.SIGKILL)
+        for name, job in jobs.items():
+            took = job.end(60)
+            assert took is not None, f"{name}: still running 60 s after rank 1 was killed:\n{job.output()[-3000:]}"
+            assert job.p.returncode != 0, job.output()[-3000:]
+            print(f"\n{name}: the job ended {took:.1f} s after kill -9 of rank 1")
+    finally:  # a failed check must not leave the other job training
+        for job in jobs.values():
+            job.end(0)
 
 
 def two_ranks(run_parent: Path, timeout_s: int) -> list[Job]:
@@ -106,19 +111,26 @@ def two_ranks(run_parent: Path, timeout_s: int) -> list[Job]:
 def test_a_hung_rank_fails_the_others_after_the_collective_timeout(tmp_path):
     # Two jobs at once: collective_timeout_s=5, and the default 300 s as the negative control.
     short, default = two_ranks(tmp_path / "short", 5), two_ranks(tmp_path / "default", 300)
-    for rank0, rank1 in (short, default):
-        rank0.wait_for_step()  # past the first step: the steady timeout is on
-        os.kill(rank1.p.pid, signal.SIGSTOP)  # rank 1 hangs: alive, never answering
-    t0 = time.time()
-    took = short[0].end(60)
-    default_still_waiting = default[0].p.poll() is None
-    for job in (short[1], *default):
-        job.end(0)
+    stopped = {}
+    try:
+        for name, (rank0, rank1) in (("short", short), ("default", default)):
+            rank0.wait_for_step()  # past the first step: the steady timeout is on
+            os.kill(rank1.p.pid, signal.SIGSTOP)  # rank 1 hangs: alive, never answering
+            stopped[name] = time.time()
+        ended = short[0].end(60 - (time.time() - stopped["short"]))
+        took = None if ended is None else time.time() - stopped["short"]
+        # The negative control: 8 s after its rank 1 stopped (the short timeout and 3 s more), the job
+        # with the default timeout must still be waiting.
+        time.sleep(max(0.0, stopped["default"] + 8 - time.time()))
+        default_still_waiting = default[0].p.poll() is None
+    finally:
+        for job in (*short, *default):
+            job.end(0)
     out = short[0].output()
     assert took is not None, f"rank 0 did not fail within 60 s of rank 1 hanging:\n{out[-3000:]}"
     assert short[0].p.returncode == 1, out[-3000:]
     assert "rank 0: training failed, exiting now" in out and "imed out" in out, out[-3000:]
-    assert default_still_waiting and time.time() - t0 >= 5, \
-        "with the 300 s timeout rank 0 must still be waiting: otherwise the check above is vacuous"
+    assert default_still_waiting, \
+        "with the 300 s timeout rank 0 must still be waiting 8 s on: otherwise the check above is vacuous"
     print(f"\nhung rank: rank 0 failed {took:.1f} s after rank 1 stopped (collective_timeout_s=5); "
-          f"with the default timeout it was still waiting then")
+          f"with the default timeout it was still waiting 8 s after its rank 1 stopped")

@@ -39,6 +39,15 @@ def run(args: list[str], nproc: int = 1, timeout: int = 600, cwd=None, env=None)
     return p
 
 
+def cli(args: list[str]) -> None:
+    """`taming-dist args...` in this process (no interpreter and torch import to pay for): for the
+    one-process commands a test chains after a training run (convert, export, import-taming)."""
+    from taming_dist.cli import main
+
+    code = main([str(a) for a in args])
+    assert code == 0, f"taming-dist {' '.join(map(str, args))} exited {code}"
+
+
 def pids_with_env(**match: str) -> list[int]:
     """Python processes whose environment holds every KEY=value of `match` (a test tags the processes
     it starts with a unique variable, and picks a rank by RANK or SLURM_PROCID)."""

@@ -1,13 +1,16 @@
 """From cluster to inference: every engine's checkpoint -> convert -> export -> from_pretrained,
 the original taming layout round trip, and init_from into sharded engines."""
 import json
+import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from taming_dist.models import VQModel
-from tests.distributed.util import REPO, run
+from taming_dist.models.transformer import Transformer
+from taming_dist.weights.folder import save_model_folder
+from tests.distributed.util import REPO, cli, run
 
 pytestmark = pytest.mark.slow
 
@@ -27,8 +30,8 @@ def test_convert_export_from_pretrained(tmp_path, name):
     engine, nproc = ENGINES[name]
     run(["-m", "taming_dist", "train", "vqgan-tiny", f"out_dir={tmp_path}", "name=r", *engine, *TINY], nproc=nproc)
     live = tmp_path / "r" / "model"  # written in-process at the end of training (EMA weights, gathered)
-    run(["-m", "taming_dist", "convert", str(tmp_path / "r"), str(tmp_path / "c.safetensors"), "--ema"])
-    run(["-m", "taming_dist", "export", str(tmp_path / "r"), str(tmp_path / "exp")])
+    cli(["convert", tmp_path / "r", tmp_path / "c.safetensors", "--ema"])
+    cli(["export", tmp_path / "r", tmp_path / "exp"])
     consolidated = load_file(tmp_path / "c.safetensors")
     exported = load_file(tmp_path / "exp" / "model.safetensors")
     live_sd = load_file(live / "model.safetensors")
@@ -43,7 +46,7 @@ def test_convert_export_from_pretrained(tmp_path, name):
         torch.testing.assert_close(model(x)[0], ref(x)[0], rtol=1e-5, atol=1e-6)
     # raw weights differ from the EMA ones
     raw = tmp_path / "raw"
-    run(["-m", "taming_dist", "export", str(tmp_path / "r"), str(raw), "--no-ema", "--dtype", "bf16"])
+    cli(["export", tmp_path / "r", raw, "--no-ema", "--dtype", "bf16"])
     raw_sd = load_file(raw / "model.safetensors")
     assert raw_sd["encoder.conv_in.weight"].dtype == torch.bfloat16
     assert not torch.equal(raw_sd["encoder.conv_in.weight"].float(), live_sd["encoder.conv_in.weight"])
@@ -51,12 +54,12 @@ def test_convert_export_from_pretrained(tmp_path, name):
 
 def test_taming_format_reimports_identically(tmp_path):
     run(["-m", "taming_dist", "train", "vqgan-tiny", f"out_dir={tmp_path}", "name=r", *TINY])
-    run(["-m", "taming_dist", "export", str(tmp_path / "r"), str(tmp_path / "orig"), "--format", "taming"])
+    cli(["export", tmp_path / "r", tmp_path / "orig", "--format", "taming"])
     assert (tmp_path / "orig" / "model.yaml").exists()
     ck = torch.load(tmp_path / "orig" / "model.ckpt", weights_only=True)
     assert any(k.startswith("loss.discriminator.") for k in ck["state_dict"])
-    run(["-m", "taming_dist", "import-taming", str(tmp_path / "orig" / "model.ckpt"), str(tmp_path / "back"),
-         "--config", str(tmp_path / "orig" / "model.yaml"), "--keep-loss"])
+    cli(["import-taming", tmp_path / "orig" / "model.ckpt", tmp_path / "back", "--config",
+         tmp_path / "orig" / "model.yaml", "--keep-loss"])
     back = load_file(tmp_path / "back" / "model.safetensors")
     live = load_file(tmp_path / "r" / "model" / "model.safetensors")
     assert back.keys() == live.keys()
@@ -69,29 +72,27 @@ def test_taming_format_reimports_identically(tmp_path):
 def test_init_from_export_into_fsdp_and_zero3_matches_single(tmp_path):
     """A transformer exported as a model folder starts FSDP2 and ZeRO-3 runs at the same loss as one process."""
     harness = str(REPO / "tests" / "distributed" / "harness.py")
-    for d in ("a", "one", "two"):
+    for d in ("one", "two"):
         (tmp_path / d).mkdir()
-    run([harness, str(tmp_path / "a"), "transformer:single:2:fp32"])
     src = tmp_path / "src"
     # a transformer model folder with weights no run starts from
-    run(["-c", f"""
-import torch, sys
-sys.path.insert(0, {str(REPO / 'tests' / 'distributed')!r})
-from harness import make_cfg
-from taming_dist.models.transformer import Transformer
-from taming_dist.weights.folder import save_model_folder
-cfg = make_cfg('transformer', 'single', 2, 'fp32', False, 8)
-torch.manual_seed(123)
-m = Transformer(cfg.transformer)
-for p in m.transformer.parameters():
-    p.data.add_(torch.randn_like(p) * 0.05)
-save_model_folder({str(src)!r}, 'transformer', cfg.transformer, m.state_dict())
-"""])
+    sys.path.insert(0, str(REPO / "tests" / "distributed"))
+    try:
+        from harness import make_cfg
+    finally:
+        sys.path.pop(0)
+    cfg = make_cfg("transformer", "single", 2, "fp32", False, 8)
+    torch.manual_seed(123)
+    m = Transformer(cfg.transformer)
+    for p in m.transformer.parameters():
+        p.data.add_(torch.randn_like(p) * 0.05)
+    save_model_folder(src, "transformer", cfg.transformer, m.state_dict())
     spec = f"transformer:{{}}:fp32:noac:init_from={src}"
-    run([harness, str(tmp_path / "one"), spec.format("single:2")])
+    run([harness, str(tmp_path / "one"), "transformer:single:2:fp32", spec.format("single:2")])
     run([harness, str(tmp_path / "two"), spec.format("fsdp:2"), spec.format("deepspeed:3")], nproc=2)
-    fresh = json.loads((tmp_path / "a" / "results.json").read_text())["transformer:single:2:fp32"]["history"][0]["loss"]
-    one = json.loads((tmp_path / "one" / "results.json").read_text())[spec.format("single:2")]["history"][0]["loss"]
+    ones = json.loads((tmp_path / "one" / "results.json").read_text())
+    fresh = ones["transformer:single:2:fp32"]["history"][0]["loss"]
+    one = ones[spec.format("single:2")]["history"][0]["loss"]
     two = json.loads((tmp_path / "two" / "results.json").read_text())
     assert abs(one - fresh) > 1e-3  # the weights really came from the folder
     for engine in ("fsdp:2", "deepspeed:3"):

@@ -71,6 +71,19 @@ def test_output_identical_for_one_and_two_workers(tmp_path):
         (tmp_path / "w1" / "shard-000000.tar").read_bytes()
 
 
+def _parent_pid(_):
+    return os.getppid()
+
+
+def test_workers_are_forked_from_a_fork_server_not_from_the_caller():
+    # A fork of the caller (a test runner or trainer with other threads) can copy a held lock and hang.
+    from taming_dist.data.shards import _imap
+
+    parents = list(_imap(_parent_pid, [0, 1, 2], workers=2))
+    assert len(parents) == 3 and os.getpid() not in parents, parents
+    assert list(_imap(_parent_pid, [0, 1, 2], workers=1)) == [os.getppid()] * 3  # one worker: in-process
+
+
 def test_max_size_splits_shards(tmp_path):
     _class_folder(tmp_path / "src")
     m = write_shards(str(tmp_path / "src"), str(tmp_path / "out"), max_count=1000, max_size=8000)

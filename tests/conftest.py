@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.distributed.util import pids_with_env
+
 REPO = Path(__file__).resolve().parents[1]
 # Reproducible CPU numerics and no accidental network use in tests.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -96,24 +98,8 @@ def pytest_runtest_teardown(item):
 # a warning: a failed or hung test must not leave ranks burning the CPU for the tests after it.
 # Session fixtures (the SLURM daemons) start before the tag is set and are not touched.
 PROCESS_TAG_ENV = "TD_TEST_PROCESS_TAG"
+# Python restarts these helpers on demand; killing them would only add warnings.
 _MP_HELPERS = (b"multiprocessing.resource_tracker", b"multiprocessing.forkserver")
-
-
-def tagged_processes(tag: str) -> list[int]:
-    want = f"{PROCESS_TAG_ENV}={tag}".encode()
-    found = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit() or int(d.name) == os.getpid():
-            continue
-        try:
-            cmdline = (d / "cmdline").read_bytes()
-            if any(h in cmdline for h in _MP_HELPERS):
-                continue  # Python restarts these helpers on demand; killing them only adds warnings
-            if want in (d / "environ").read_bytes().split(b"\0"):
-                found.append(int(d.name))
-        except OSError:  # gone, or not ours to read
-            continue
-    return found
 
 
 @pytest.fixture(autouse=True)
@@ -122,7 +108,7 @@ def _no_leftover_processes(request):
     os.environ[PROCESS_TAG_ENV] = tag
     yield
     os.environ.pop(PROCESS_TAG_ENV, None)
-    left = tagged_processes(tag)
+    left = pids_with_env(python_only=False, skip_cmdline=_MP_HELPERS, **{PROCESS_TAG_ENV: tag})
     for pid in left:
         try:
             os.kill(pid, signal.SIGKILL)

@@ -48,16 +48,19 @@ def cli(args: list[str]) -> None:
     assert code == 0, f"taming-dist {' '.join(map(str, args))} exited {code}"
 
 
-def pids_with_env(**match: str) -> list[int]:
-    """Python processes whose environment holds every KEY=value of `match` (a test tags the processes
-    it starts with a unique variable, and picks a rank by RANK or SLURM_PROCID)."""
+def pids_with_env(*, python_only: bool = True, skip_cmdline: tuple[bytes, ...] = (), **match: str) -> list[int]:
+    """Processes other than this one whose environment holds every KEY=value of `match` (a test
+    tags the processes it starts with a unique variable, and picks a rank by RANK or SLURM_PROCID).
+    `python_only`: Python interpreters only; `skip_cmdline`: leave out command lines holding any of
+    these."""
     want = {f"{k}={v}".encode() for k, v in match.items()}
     found = []
     for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
             continue
         try:
-            if b"python" not in (d / "cmdline").read_bytes():
+            cmdline = (d / "cmdline").read_bytes()
+            if (python_only and b"python" not in cmdline) or any(s in cmdline for s in skip_cmdline):
                 continue
             if want <= set((d / "environ").read_bytes().split(b"\0")):
                 found.append(int(d.name))

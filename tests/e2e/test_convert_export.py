@@ -1,7 +1,6 @@
 """From cluster to inference: every engine's checkpoint -> convert -> export -> from_pretrained,
 the original taming layout round trip, and init_from into sharded engines."""
 import json
-import sys
 
 import pytest
 import torch
@@ -10,6 +9,7 @@ from safetensors.torch import load_file
 from taming_dist.models import VQModel
 from taming_dist.models.transformer import Transformer
 from taming_dist.weights.folder import save_model_folder
+from tests.distributed.harness import make_cfg
 from tests.distributed.util import REPO, cli, run
 
 pytestmark = pytest.mark.slow
@@ -76,11 +76,6 @@ def test_init_from_export_into_fsdp_and_zero3_matches_single(tmp_path):
         (tmp_path / d).mkdir()
     src = tmp_path / "src"
     # a transformer model folder with weights no run starts from
-    sys.path.insert(0, str(REPO / "tests" / "distributed"))
-    try:
-        from harness import make_cfg
-    finally:
-        sys.path.pop(0)
     cfg = make_cfg("transformer", "single", 2, "fp32", False, 8)
     torch.manual_seed(123)
     m = Transformer(cfg.transformer)

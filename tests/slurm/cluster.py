@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.distributed.util import pids_with_env
+
 PACKAGES = ["slurmd", "slurmctld", "slurm-client", "munge"]
 PROGRAMS = ["munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "squeue", "scancel", "sinfo"]
 
@@ -104,17 +106,7 @@ class SlurmCluster:
 
     def leftover_pids(self) -> list[int]:
         """Processes that still carry this cluster's SLURM_CONF: jobs or step daemons it started."""
-        marker = f"SLURM_CONF={self.conf}".encode()
-        pids = []
-        for d in Path("/proc").iterdir():
-            if not d.name.isdigit() or int(d.name) == os.getpid():
-                continue
-            try:
-                if marker in (d / "environ").read_bytes().split(b"\0"):
-                    pids.append(int(d.name))
-            except OSError:
-                continue
-        return pids
+        return pids_with_env(python_only=False, SLURM_CONF=str(self.conf))
 
     # ---- commands ----
     def cmd(self, args: list[str], check: bool = True, timeout: int = 60) -> subprocess.CompletedProcess:

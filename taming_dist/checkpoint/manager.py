@@ -19,6 +19,7 @@ import json
 import warnings
 from contextlib import contextmanager
 import os
+import re
 import random
 import shutil
 from pathlib import Path
@@ -180,9 +181,16 @@ class CheckpointManager:
         return final
 
     def _prune(self) -> None:
-        done = sorted(p for p in self.folder.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-        for old in done[: max(0, len(done) - self.keep_last)]:
-            shutil.rmtree(old, ignore_errors=True)
+        """Keep the `keep_last` newest checkpoints by step number (names are zero-padded to 6 digits
+        only, so from step 1,000,000 on a sort by name would put the newest first and delete it),
+        and never the one `latest` names."""
+        done = sorted((int(m.group(1)), p) for p in self.folder.glob("step_*")
+                      if p.is_dir() and (m := re.fullmatch(r"step_(\d+)", p.name)))
+        pointer = self.folder / "latest"
+        latest = pointer.read_text().strip() if pointer.exists() else None
+        for _, old in done[: max(0, len(done) - self.keep_last)]:
+            if old.name != latest:
+                shutil.rmtree(old, ignore_errors=True)
 
     def load(self, path: Path, units: dict[str, Unit]) -> tuple[int, dict, dict]:
         """Restore units, and RNG when the world size is unchanged; returns (step, counters, this

@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import io
 import math
+import multiprocessing
 import random
 import warnings
 from dataclasses import dataclass, replace
@@ -380,8 +381,16 @@ class DataStream:
     # -- iteration ------------------------------------------------------------------------------
 
     def _loader(self, plan: _Plan) -> DataLoader:
+        # Workers come from a fork server, not fork(): a training process runs other threads (gloo,
+        # the logger, tqdm), and a fork copies any lock one of them holds at that moment into a child
+        # that then hangs on it (docs/platform-notes.md, "Processes"). The server imports this module
+        # once; each epoch's workers fork from it.
+        ctx = None
+        if self.num_workers:
+            ctx = multiprocessing.get_context("forkserver")
+            ctx.set_forkserver_preload([__name__])
         return DataLoader(_EpochDataset(plan), batch_size=None, num_workers=self.num_workers,
-                          pin_memory=self._pin, persistent_workers=False)
+                          pin_memory=self._pin, persistent_workers=False, multiprocessing_context=ctx)
 
     def _epoch_plan(self, fresh: bool = False) -> _Plan:
         p = self._plan

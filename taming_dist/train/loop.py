@@ -5,6 +5,7 @@ the environment decides rank and world size (engines/dist.py), the config decide
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -44,15 +45,33 @@ def resolve_batch(cfg: RunConfig, world_size: int) -> RunConfig:
 
 class _StopFlag:
     """Set by SIGUSR1/SIGUSR2/SIGTERM (SLURM's warning before a time limit or preemption); the
-    loop all-reduces it each step so every rank checkpoints at the same step and exits."""
+    loop all-reduces it each step so every rank checkpoints at the same step and exits.
+
+    A context manager: the handlers are installed for the run and the previous ones are put back
+    when it returns or raises. Left installed, they outlive `train()` in a notebook or a test
+    runner: SIGTERM would then only set this flag, `kill PID` no longer ends the process, and every
+    process forked from it afterwards inherits the same deafness (it hung the test suite at exit
+    once: multiprocessing's Pool.terminate() sends SIGTERM to its workers, then joins them)."""
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
 
     def __init__(self):
         self.set = False
-        for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM):
+        self._previous: dict = {}
+
+    def __enter__(self) -> "_StopFlag":
+        for sig in self.SIGNALS:
             try:
-                signal.signal(sig, self._handler)
+                self._previous[sig] = signal.signal(sig, self._handler)
             except ValueError:  # not the main thread (e.g. inside a test runner thread)
                 pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._previous.items():
+            # None: the previous handler was not installed from Python; the default is what it was.
+            signal.signal(sig, signal.SIG_DFL if old is None else old)
+        self._previous.clear()
 
     def _handler(self, signum, frame):
         self.set = True
@@ -60,7 +79,12 @@ class _StopFlag:
 
 def train(cfg: RunConfig, resume: str = "auto") -> dict:
     """Train `cfg`; returns the last logged metrics. `resume`: auto (latest checkpoint if any),
-    none, or a checkpoint folder."""
+    none, or a checkpoint folder. Signal handlers the run installs are restored when it ends."""
+    with contextlib.ExitStack() as scope:
+        return _train(cfg, resume, scope)
+
+
+def _train(cfg: RunConfig, resume: str, scope: contextlib.ExitStack) -> dict:
     env = env_from_environ()
     set_rank(env.rank)
     cfg = resolve_batch(cfg, env.world_size)  # the micro batch for this world size (config.batch_layout)
@@ -99,7 +123,7 @@ def train(cfg: RunConfig, resume: str = "auto") -> dict:
                        project=cfg.logging.project, total_steps=cfg.train.steps, progress=cfg.logging.progress)
     if path is not None:
         logger.text(f"resumed from {path} at step {start}")  # in log.txt too: `report` marks resumes
-    stop = _StopFlag()
+    stop = scope.enter_context(_StopFlag())  # from here on, the signals checkpoint and stop
     unit_name, per_sample = task.work_per_sample()
     # MFU: FLOPs of one step counted once (FlopCounterMode for the VQGAN, 6N + attention for the
     # GPT), over the device's peak from a table; left out on CPU and on GPUs not in the table.

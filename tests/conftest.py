@@ -3,6 +3,7 @@ import os
 import signal
 import sys
 import threading
+import traceback
 import uuid
 import warnings
 from pathlib import Path
@@ -116,6 +117,98 @@ def _no_leftover_processes(request):
             pass
     if left:
         warnings.warn(f"{request.node.nodeid} left {len(left)} process(es) running: killed {left}")
+
+
+# ---- the suite cannot hang at exit (README, "Tests") ----
+# When the last test has finished, every process this pytest started that is still alive (children,
+# grandchildren, multiprocessing and DataLoader workers; found by parent pid, so a forked child that
+# escapes the per-test tag above is found too) is named with its command line and Python stack,
+# killed, and the run fails. Left alone, multiprocessing's exit handler would join such a child for
+# ever. Python's own helpers (resource tracker, fork server) end with pytest and are left alone.
+# Then, should pytest still not have exited TD_TEST_EXIT_GRACE_S (60) seconds later (a non-daemon
+# thread, an exit handler stuck on a lock), the stacks of its threads are printed and it ends.
+EXIT_GRACE_ENV = "TD_TEST_EXIT_GRACE_S"
+_leftovers_at_exit: list[int] = []
+
+
+def _write_terminal(text: str) -> None:
+    capman = _config.pluginmanager.getplugin("capturemanager") if _config else None
+    if capman is not None:
+        capman.suspend_global_capture(in_=False)
+    sys.stderr.write(text)
+    sys.stderr.flush()
+
+
+def _own_helper(pid: int) -> bool:
+    import tests.process_guard as pg
+
+    st = pg._stat(pid)
+    return bool(st) and st[1] == os.getpid() and any(h.decode() in pg.cmdline(pid) for h in _MP_HELPERS)
+
+
+# Nothing forks the pytest process without exec: it runs threads (tqdm's monitor, gloo, the deadline
+# timers), and a fork copies a lock another thread holds into a child that then hangs on it. Pools
+# and DataLoaders use spawn or a fork server. Each fork is recorded with where it came from, and the
+# session fails if there was one. fork+exec (subprocess, even with preexec_fn) is fine: the child
+# runs no Python but the exec.
+_forks: list[str] = []
+
+
+def _record_fork() -> None:
+    where = "".join(traceback.format_stack(limit=14)[:-1])
+    if "subprocess.py" not in where:
+        _forks.append(where)
+
+
+os.register_at_fork(after_in_parent=_record_fork)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session, exitstatus):
+    import tests.process_guard as pg
+
+    if _forks:
+        _write_terminal(f"\nthe pytest process was forked {len(_forks)} time(s) without exec (use the spawn or "
+                        f"forkserver context); the first from:\n{_forks[0]}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    left = [pid for pid in pg.descendants(os.getpid()) if not _own_helper(pid)]
+    if not left:
+        return
+    _leftovers_at_exit.extend(left)
+    _write_terminal(f"\n{len(left)} process(es) started by this test session still running after the last test; "
+                    f"their command lines and Python stacks:\n{pg.report(left)}\n")
+    pg.kill(left)
+    _write_terminal(f"killed {left}; the session fails (a test leaked them: end what a test starts)\n")
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def _exit_watchdog(grace: int) -> None:
+    import tests.process_guard as pg
+
+    sys.stderr.write(f"\npytest has not exited {grace} s after its last hook ({EXIT_GRACE_ENV}); stacks of "
+                     "its threads:\n")
+    sys.stderr.flush()
+    faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+    left = pg.descendants(os.getpid())
+    if left:
+        sys.stderr.write(f"its child processes:\n{pg.report(left)}\n")
+        pg.kill(left)
+    sys.stderr.flush()
+    os._exit(3)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    if _leftovers_at_exit:
+        # Exit handlers may still wait on what the killed children held (a pool's queue lock):
+        # the summary is printed and the status decided, so end here.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(int(pytest.ExitCode.TESTS_FAILED))
+    timer = threading.Timer(int(os.environ.get(EXIT_GRACE_ENV, 60)), _exit_watchdog,
+                            (int(os.environ.get(EXIT_GRACE_ENV, 60)),))
+    timer.daemon = True
+    timer.start()
 
 
 @pytest.fixture

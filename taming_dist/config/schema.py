@@ -313,6 +313,10 @@ class EngineConfig:
             raise ValueError(f"engine.precision {self.precision!r} is not one of fp32, bf16, fp16")
         if self.fsdp_shard_size < 0:
             raise ValueError(f"engine.fsdp_shard_size {self.fsdp_shard_size} must be >= 0 (0 = shard over all ranks)")
+    # Before the rendezvous, ranks other than 0 must reach the master (MASTER_ADDR:MASTER_PORT) within
+    # this many seconds, and every rank must resolve its name; else they fail at once with the host,
+    # the port and where they came from, instead of retrying for startup_timeout_s. 0 = no connection test.
+    master_connect_timeout_s: int = 60
         for key in ("offload_optimizer", "offload_params"):
             if getattr(self, key) not in ("none", "cpu"):
                 raise ValueError(f"engine.{key} {getattr(self, key)!r} is not one of none, cpu")
@@ -339,6 +343,9 @@ class OptimConfig:
     eps: float = 1e-8  # Adam's epsilon
     weight_decay: float = 0.0
     warmup_steps: int = 0
+        if self.master_connect_timeout_s < 0:
+            raise ValueError(f"engine.master_connect_timeout_s {self.master_connect_timeout_s} must be >= 0 "
+                             "(0 = no connection test)")
     schedule: str = "constant"  # constant | cosine
     min_lr_ratio: float = 0.1
     grad_clip: float = 0.0  # global norm; 0 = off

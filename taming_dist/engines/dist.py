@@ -25,6 +25,10 @@ class DistEnv:
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
     source: str = "single"  # single | torchrun | slurm
+    # Where master_addr / master_port came from, for error messages (e.g. "MASTER_ADDR",
+    # "the first host of SLURM_JOB_NODELIST=gpu[01-04]").
+    addr_from: str = "the default"
+    port_from: str = "the default"
 
     @property
     def is_distributed(self) -> bool:
@@ -94,16 +98,20 @@ def env_from_environ(environ: dict | None = None) -> DistEnv:
         if world > 1 and not nodelist and "MASTER_ADDR" not in env:
             raise ValueError("SLURM_NTASKS > 1 but neither SLURM_JOB_NODELIST nor MASTER_ADDR is set")
         addr = env.get("MASTER_ADDR") or (expand_nodelist(nodelist)[0] if nodelist else "127.0.0.1")
+        addr_from = ("MASTER_ADDR" if env.get("MASTER_ADDR") else
+                     f"the first host of SLURM_JOB_NODELIST={nodelist}" if nodelist else "the default")
         job_id = env.get("SLURM_JOB_ID", "0")
         port = int(env["MASTER_PORT"]) if "MASTER_PORT" in env else 20000 + int(re.sub(r"\D", "", job_id) or 0) % 20000
+        port_from = "MASTER_PORT" if "MASTER_PORT" in env else f"SLURM_JOB_ID={job_id} (20000 + id mod 20000)"
         if not 0 <= rank < world:
             raise ValueError(f"SLURM_PROCID={rank} is outside SLURM_NTASKS={world}")
-        return DistEnv(rank, world, local_rank, local_world, addr, port, "slurm")
+        return DistEnv(rank, world, local_rank, local_world, addr, port, "slurm", addr_from, port_from)
     else:
         return DistEnv()
     if not 0 <= rank < world:
         raise ValueError(f"RANK={rank} is outside WORLD_SIZE={world}")
-    return DistEnv(rank, world, local_rank, local_world, env["MASTER_ADDR"], int(env["MASTER_PORT"]), source)
+    return DistEnv(rank, world, local_rank, local_world, env["MASTER_ADDR"], int(env["MASTER_PORT"]), source,
+                   "MASTER_ADDR", "MASTER_PORT")
 
 
 def device_for(env: DistEnv) -> torch.device:
@@ -112,8 +120,50 @@ def device_for(env: DistEnv) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(env: DistEnv, timeout_s: int = 1800) -> torch.device:
-    """Initialise the default process group (nccl on GPUs, gloo on CPU) when world_size > 1."""
+class MasterUnreachable(ValueError):
+    """The rendezvous address is wrong for this rank: a setting to fix, printed by the CLI as one line."""
+
+
+def check_master(env: DistEnv, connect_timeout_s: float = 60) -> None:
+    """Fail in seconds, not after the rendezvous timeout, when the master cannot be reached.
+
+    c10d retries a rendezvous whose host does not resolve or does not answer until its timeout (30
+    minutes at start-up here) and prints nothing but its IPv6 warnings meanwhile. So first: the
+    address must resolve on every rank, and every rank but 0 (which serves the rendezvous, or whose
+    launcher does) must be able to open a TCP connection to it within `connect_timeout_s` (rank 0
+    may start a little later; retried every half second). 0 skips the connection test."""
+    if not env.is_distributed:
+        return
+    import socket
+    import time
+
+    where = (f"master {env.master_addr}:{env.master_port} (host from {env.addr_from}, port from {env.port_from}), "
+             f"seen from rank {env.rank}")
+    fix = ("pass a host every node can resolve and reach: `taming-dist launch ... --master-addr HOST`, or export "
+           "MASTER_ADDR=HOST (and MASTER_PORT) before the launcher")
+    try:
+        socket.getaddrinfo(env.master_addr, env.master_port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise MasterUnreachable(f"{where}: the host name does not resolve ({e.strerror}); {fix}") from None
+    if env.rank == 0 or connect_timeout_s <= 0:
+        return
+    deadline = time.monotonic() + connect_timeout_s
+    while True:
+        try:
+            with socket.create_connection((env.master_addr, env.master_port),
+                                          timeout=max(0.1, min(5.0, deadline - time.monotonic()))):
+                return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise MasterUnreachable(f"{where}: no connection within {connect_timeout_s:g} s "
+                                   f"(engine.master_connect_timeout_s; last error: {e}); is rank 0 running, and is the "
+                                   f"port open between the nodes? {fix}") from None
+        time.sleep(0.5)
+
+
+def init_distributed(env: DistEnv, timeout_s: int = 1800, connect_timeout_s: float = 60) -> torch.device:
+    """Initialise the default process group (nccl on GPUs, gloo on CPU) when world_size > 1, after
+    checking that the master can be reached (check_master)."""
     import torch.distributed as dist
 
     device = device_for(env)
@@ -123,6 +173,7 @@ def init_distributed(env: DistEnv, timeout_s: int = 1800) -> torch.device:
     # TearDown), instead of leaving the rank blocked while it holds its GPU. gloo raises instead.
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     if env.is_distributed and not dist.is_initialized():
+        check_master(env, connect_timeout_s)
         os.environ.setdefault("MASTER_ADDR", env.master_addr)
         os.environ.setdefault("MASTER_PORT", str(env.master_port))
         backend = "nccl" if device.type == "cuda" else "gloo"

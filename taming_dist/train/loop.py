@@ -90,7 +90,8 @@ def _train(cfg: RunConfig, resume: str, scope: contextlib.ExitStack) -> dict:
     cfg = resolve_batch(cfg, env.world_size)  # the micro batch for this world size (config.batch_layout)
     # Start-up (rendezvous, model build, checkpoint load, the first step's compilation) runs under
     # the long collective timeout; the steady one applies from the second step on.
-    device = init_distributed(env, timeout_s=cfg.engine.startup_timeout_s)
+    device = init_distributed(env, timeout_s=cfg.engine.startup_timeout_s,
+                              connect_timeout_s=cfg.engine.master_connect_timeout_s)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     engine = build_engine(cfg.engine, env, device)
     accum = grad_accum_steps(cfg, env.world_size)

@@ -65,7 +65,8 @@ def _call(cache_dir):
 
 def test_concurrent_first_use(tmp_path):
     """Three processes generate at once: all get the same complete folder and no temp folder remains."""
-    with multiprocessing.get_context("fork").Pool(3) as pool:
+    # spawn, not fork: the pytest process runs threads, and nothing in the suite forks it (README, "Tests")
+    with multiprocessing.get_context("spawn").Pool(3) as pool:
         folders = pool.map(_call, [str(tmp_path)] * 3)
     assert len(set(folders)) == 1
     assert read_manifest(folders[0])["total"] == 600

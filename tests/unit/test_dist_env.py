@@ -79,3 +79,72 @@ def test_slurm_rank_outside_ntasks_is_an_error():
 def test_expand_nodelist_several_brackets_in_one_name():
     # `scontrol show hostnames 'a[1-2]b[3-4]'` on Slurm 22.05
     assert expand_nodelist("a[1-2]b[3-4]") == ["a1b3", "a1b4", "a2b3", "a2b4"]
+
+
+# ---- an unreachable master fails in seconds (engines/dist.py: check_master) ----
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:  # bound, then closed: nobody listens there afterwards
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_master_name_that_does_not_resolve_fails_at_once_naming_where_it_came_from():
+    import time
+
+    from taming_dist.engines.dist import MasterUnreachable, check_master
+
+    env = env_from_environ({"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "nosuchnode[1-2].invalid",
+                            "SLURM_JOB_ID": "77"})
+    t0 = time.monotonic()
+    with pytest.raises(MasterUnreachable) as e:
+        check_master(env, connect_timeout_s=60)
+    msg = str(e.value)
+    assert time.monotonic() - t0 < 15
+    for part in ("nosuchnode1.invalid", "does not resolve", "SLURM_JOB_NODELIST=nosuchnode[1-2].invalid",
+                 "SLURM_JOB_ID=77", "--master-addr", "MASTER_ADDR"):
+        assert part in msg, (part, msg)
+
+
+def test_a_port_nobody_listens_on_fails_after_the_connect_timeout():
+    import socket
+    import time
+
+    from taming_dist.engines.dist import MasterUnreachable, check_master
+
+    port = _free_port()
+    env = env_from_environ({"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    t0 = time.monotonic()
+    with pytest.raises(MasterUnreachable, match=rf"master 127.0.0.1:{port} \(host from MASTER_ADDR, port from MASTER_PORT\)"
+                       r".*no connection within 2 s") as e:
+        check_master(env, connect_timeout_s=2)
+    assert 2 <= time.monotonic() - t0 < 10 and "MASTER_ADDR=HOST" in str(e.value)
+    # rank 0 serves the rendezvous: it only resolves the name; the same port is fine for it
+    check_master(env_from_environ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                                   "MASTER_PORT": str(port)}), connect_timeout_s=2)
+    # Control: once something listens there, rank 1 passes the check.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
+        s.listen()
+        check_master(env, connect_timeout_s=2)
+
+
+def test_train_checks_the_master_before_the_rendezvous(tmp_path):
+    """Wired into train(): a rank of a 2-rank job whose master does not resolve exits in seconds (c10d
+    alone would retry for engine.startup_timeout_s)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+
+    env = {**os.environ, "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "nosuchmaster.invalid",
+           "MASTER_PORT": "29999", "PYTHONPATH": str(REPO)}
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-m", "taming_dist", "train", "vqgan-tiny", f"out_dir={tmp_path}",
+                        "logging.wandb_mode=disabled"], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert p.returncode != 0 and time.monotonic() - t0 < 60
+    assert "nosuchmaster.invalid:29999 (host from MASTER_ADDR" in p.stderr and "does not resolve" in p.stderr, p.stderr[-3000:]
+    assert "taming-dist train: error: master" in p.stderr and "Traceback" not in p.stderr, p.stderr[-3000:]

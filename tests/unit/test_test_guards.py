@@ -22,6 +22,28 @@ def test_leaves_a_process():
     p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
     open(os.environ["PID_FILE"], "w").write(str(p.pid))
 
+def sleeps_deaf_to_sigterm(pid_file):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as train()'s stop flag once left every later fork
+    open(pid_file, "w").write(str(os.getpid()))
+    while True:
+        time.sleep(1)
+
+def test_leaks_a_deaf_child():
+    import multiprocessing
+    # A forked child does not show the per-test tag in /proc/PID/environ, so the per-test guard
+    # cannot see it; dropping the tag makes this spawned child just as invisible to it.
+    os.environ.pop("TD_TEST_PROCESS_TAG", None)
+    child = multiprocessing.get_context("spawn").Process(target=sleeps_deaf_to_sigterm, args=(os.environ["PID_FILE"],))
+    child.start()  # not a daemon: at exit, multiprocessing joins it (for ever, unless someone kills it)
+    while not os.path.exists(os.environ["PID_FILE"]):
+        time.sleep(0.05)
+
+def test_forks():
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+
 def test_blocks_the_alarm():
     if os.environ.get("BLOCK"):
         signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGALRM])  # the exception can never be raised
@@ -82,3 +104,42 @@ def test_a_process_left_running_is_killed_and_named(tmp_path):
         assert p.returncode == 0 and alive(pid), p.stdout + p.stderr
     finally:
         os.kill(pid, 9)
+
+
+def test_a_leaked_child_deaf_to_sigterm_ends_the_session_with_its_stack(tmp_path):
+    p, took = pytest_run(tmp_path, "-k", "leaks_a_deaf", TD_TEST_EXIT_GRACE_S="30")
+    out = p.stdout + p.stderr
+    pid = int((tmp_path / "pid").read_text())
+    assert p.returncode == 1 and "1 passed" in out, out
+    assert "still running after the last test" in out and f"pid {pid}" in out, out
+    assert "sleeps_deaf_to_sigterm" in out, "the leaked child's Python stack is printed: " + out
+    assert not alive(pid) and took < 60, took
+    # Control: without the guards, pytest waits at exit for the child, for ever.
+    (tmp_path / "pid").unlink()
+    (tmp_path / "test_guarded.py").write_text(TESTS)
+    log = open(tmp_path / "control.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_guarded.py",
+                             "-k", "leaks_a_deaf"], cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONPATH": str(REPO), "PID_FILE": str(tmp_path / "pid")})
+    try:
+        deadline = time.time() + 60
+        while "passed" not in (tmp_path / "control.log").read_text() and time.time() < deadline:
+            time.sleep(0.5)
+        time.sleep(10)
+        assert "1 passed" in (tmp_path / "control.log").read_text()
+        assert proc.poll() is None, "without the guards pytest should still be waiting for its child"
+    finally:
+        pid = int((tmp_path / "pid").read_text())
+        os.kill(pid, 9)
+        proc.wait(timeout=60)
+        log.close()
+
+
+def test_a_fork_of_the_pytest_process_fails_the_session(tmp_path):
+    p, _ = pytest_run(tmp_path, "-k", "forks")
+    out = p.stdout + p.stderr
+    assert p.returncode == 1 and "1 passed" in out, out
+    assert "the pytest process was forked 1 time(s) without exec" in out and "in test_forks" in out, out
+    # Control: the same test passes and the session succeeds without the guards.
+    p, _ = pytest_run(tmp_path, "-k", "forks", guards=False)
+    assert p.returncode == 0, p.stdout + p.stderr

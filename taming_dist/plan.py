@@ -205,9 +205,8 @@ def _gpt_activations(cfg: RunConfig, B: int, models) -> dict[str, dict[str, int]
     gpt, c_len, n = transformer.transformer, transformer.cond_len, transformer.num_image_tokens
     idx = torch.randint(0, cfg.transformer.gpt.vocab_size, (B, c_len + n - 1))
     targets = torch.randint(0, cfg.transformer.first_stage.quantizer.n_embed, (B, n))
-    cond = cfg.transformer.condition
-    context = torch.randn(B, cond.context_len, cfg.transformer.gpt.context_dim) if cond.kind == "context" else None
-    return {"transformer": _measure(lambda: image_token_loss(gpt(idx, context=context), targets, c_len), gpt)[0]}
+    inputs = transformer.condition.example_inputs(B)  # the context (and its lengths) of context/text models
+    return {"transformer": _measure(lambda: image_token_loss(gpt(idx, **inputs), targets, c_len), gpt)[0]}
 
 
 def build_units(cfg: RunConfig, batches=(1, 2)) -> tuple[list[UnitSpec], int]:

@@ -35,19 +35,20 @@ def _grid(args, model) -> int:
     from taming_dist.data.images import save_grid
     from taming_dist.models.pipeline import generate_image
 
-    kind = model.config.condition.kind if hasattr(model, "config") else "none"
+    condition = model.condition
     gen = torch.Generator().manual_seed(args.seed)
     kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cfg_scale=args.cfg_scale,
               generator=gen)
     rows = []
     if args.classes:
-        if kind != "class":
-            raise ValueError(f"--classes given but the model's condition kind is {kind!r}")
+        if condition.wants != "labels":
+            raise ValueError(f"--classes given but the model's condition kind is {model.config.condition.kind!r}")
         for c in [int(c) for c in args.classes.split(",")]:
             rows.append(generate_image(model.first_stage_model, model, torch.full((args.per_class,), c), **kw))
     else:
-        if kind not in ("none",):
-            raise ValueError(f"the model is conditioned on {kind!r}: pass --classes for class models")
+        if condition.wants is not None:
+            raise ValueError(f"the model is conditioned on {model.config.condition.kind!r}: pass "
+                             f"{condition.expects()}")
         rows.append(generate_image(model.first_stage_model, model, None, batch_size=args.per_class, **kw))
     images = torch.cat(rows)
     save_grid(images, args.out, nrow=args.per_class)

@@ -138,6 +138,11 @@ class GPTConfig:
     n_unmasked: int = 0
     cross_attention: bool = False  # add a cross-attention sub-block to every block
     context_dim: int = 0  # width of the conditioning sequence for cross-attention
+    # A learned Linear(context_dim, n_embd) in front of cross-attention (K/V then read n_embd), and
+    # a learned null context token for classifier-free guidance dropout. Set by the condition
+    # (condition.kind=text sets both; see models/conditions.py), recorded with the model.
+    context_proj: bool = False
+    null_context: bool = False
 
     def validate(self) -> None:
         if self.n_embd % self.n_head:
@@ -146,10 +151,16 @@ class GPTConfig:
             raise ValueError("gpt.cross_attention needs gpt.context_dim > 0 (width of the context sequence)")
 
 
+CONDITION_KINDS = ("none", "class", "tokens", "context", "text")
+
+
 @dataclass
 class ConditionConfig:
     """kind: none (one SOS token), class (label as a token), tokens (codes of a second VQModel,
-    e.g. depth or segmentation), context (a sequence attended to through cross-attention)."""
+    e.g. depth or segmentation), context (a sequence attended to through cross-attention), text
+    (a caption's features from a frozen text encoder, precomputed by `extract-codes --text-encoder`,
+    attended to through cross-attention with a padding mask). models/conditions.py holds one class
+    per kind."""
 
     kind: str = "none"
     sos_token: int = 0
@@ -157,15 +168,14 @@ class ConditionConfig:
     class_dropout: float = 0.0  # probability of replacing the label by the null class (for CFG)
     cond_vqgan: Optional[VQModelConfig] = None  # kind=tokens
     cond_ckpt: str = ""  # kind=tokens: weights of the conditioning VQModel
-    context_len: int = 0  # kind=context
+    context_len: int = 0  # kind=context: length of the context; kind=text: the most text tokens
+    text_encoder: str = ""  # kind=text: name of the encoder the features came from (recorded, checked)
 
     def validate(self) -> None:
-        if self.kind not in ("none", "class", "tokens", "context"):
-            raise ValueError(f"condition.kind {self.kind!r} is not one of none, class, tokens, context")
-        if self.kind == "class" and self.n_classes <= 0:
-            raise ValueError("condition.kind=class needs condition.n_classes > 0")
-        if self.kind == "tokens" and self.cond_vqgan is None:
-            raise ValueError("condition.kind=tokens needs condition.cond_vqgan (the conditioning VQModel)")
+        # Each kind's own checks live with its class (models/conditions.py, which also names the
+        # classes of these kinds); here only the name.
+        if self.kind not in CONDITION_KINDS:
+            raise ValueError(f"condition.kind {self.kind!r} is not one of {', '.join(CONDITION_KINDS)}")
 
 
 @dataclass

@@ -60,16 +60,7 @@ def rank_batches(num_samples: int, batch_size: int, rank: int, world_size: int) 
 def sample_labels(model, classes: Optional[list[int]], start: int, count: int) -> Optional[torch.Tensor]:
     """Labels of samples start .. start+count-1 (classes cycled by global index; every class of
     the model when `classes` is None), or None for an unconditional model."""
-    kind = model.config.condition.kind
-    if kind == "none":
-        if classes:
-            raise ValueError("classes were given but the model is unconditional (condition.kind=none)")
-        return None
-    if kind != "class":
-        raise ValueError(f"sampling at scale supports unconditional and class-conditional models; this one is "
-                         f"conditioned on {kind!r}: call Transformer.sample with your conditions instead")
-    classes = classes or list(range(model.config.condition.n_classes))
-    return torch.tensor([classes[i % len(classes)] for i in range(start, start + count)], dtype=torch.long)
+    return model.condition.labels_at_scale(classes, start, count)
 
 
 @torch.no_grad()

@@ -18,13 +18,14 @@ from taming_dist.config.schema import GPTConfig
 class LayerCache:
     """One block's keys/values for incremental decoding: self-attention buffers (B, nh, max_len, hs),
     allocated on the first write in the dtype the layer computes in (so autocast and bf16 parameters
-    need no special case), and the cross-attention keys/values of the context, computed once."""
+    need no special case), and the cross-attention keys/values of the context with its key padding
+    mask (B, 1, 1, L) bool, computed once per sample (on the prefill) and read by every step."""
 
     def __init__(self, max_len: int):
         self.max_len = max_len
         self.k: Optional[torch.Tensor] = None
         self.v: Optional[torch.Tensor] = None
-        self.cross: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self.cross: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
 
     def write(self, start: Union[int, torch.Tensor], k: torch.Tensor,
               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,8 +36,10 @@ class LayerCache:
         """
         B, nh, T, hs = k.shape
         if self.k is None:
-            self.k = k.new_empty(B, nh, self.max_len, hs)  # (B, nh, max_len, hs)
-            self.v = v.new_empty(B, nh, self.max_len, hs)
+            # Zeros, not empty: decode_step attends over the unwritten tail with weight exactly 0,
+            # and 0 * NaN (stale memory) is NaN.
+            self.k = k.new_zeros(B, nh, self.max_len, hs)  # (B, nh, max_len, hs)
+            self.v = v.new_zeros(B, nh, self.max_len, hs)
         elif self.k.shape[0] != B:
             raise ValueError(f"the KV cache was filled with batch size {self.k.shape[0]}, got {B}; "
                              "make a new cache for a new batch")
@@ -109,15 +112,27 @@ class CausalSelfAttention(nn.Module):
         return self.resid_drop(self.proj(y))
 
 
+def context_mask(context: torch.Tensor, lengths: Optional[torch.Tensor]) -> torch.Tensor:
+    """Key padding mask (B, 1, 1, L) bool of a context (B, L, C): True for the first lengths[b] keys
+    (all keys when `lengths` is None)."""
+    B, L = context.shape[:2]
+    if lengths is None:
+        return torch.ones(B, 1, 1, L, dtype=torch.bool, device=context.device)
+    return (torch.arange(L, device=context.device)[None] < lengths.to(context.device)[:, None])[:, None, None]
+
+
 class CrossAttention(nn.Module):
-    """Queries from the token stream, keys/values from a conditioning sequence (B, L, context_dim)."""
+    """Queries from the token stream, keys/values from a conditioning sequence (B, L, width), the
+    keys past each row's length masked out (a masked key's weight is exactly 0, so the padding's
+    contents never reach the output)."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.n_head = cfg.n_head
+        width = cfg.n_embd if cfg.context_proj else cfg.context_dim
         self.query = nn.Linear(cfg.n_embd, cfg.n_embd)
-        self.key = nn.Linear(cfg.context_dim, cfg.n_embd)
-        self.value = nn.Linear(cfg.context_dim, cfg.n_embd)
+        self.key = nn.Linear(width, cfg.n_embd)
+        self.value = nn.Linear(width, cfg.n_embd)
         self.attn_pdrop = cfg.attn_pdrop
         self.resid_drop = nn.Dropout(cfg.resid_pdrop)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
@@ -126,18 +141,20 @@ class CrossAttention(nn.Module):
         B, L, C = t.shape
         return t.view(B, L, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, L, hs)
 
-    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor], kv: Optional[LayerCache] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor], kv: Optional[LayerCache] = None,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, T, C = x.shape
         if kv is not None and kv.cross is not None:
-            k, v = kv.cross
+            k, v, mask = kv.cross
         else:
             if context is None:
                 raise ValueError("cross-attention needs `context` (B, L, context_dim) on the first call")
             k, v = self._heads(self.key(context)), self._heads(self.value(context))  # (B, nh, L, hs)
             if kv is not None:
-                kv.cross = (k, v)
+                kv.cross = (k, v, context_mask(context, None) if mask is None else mask)
         q = self._heads(self.query(x))  # (B, nh, T, hs)
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_pdrop if self.training else 0.0)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           dropout_p=self.attn_pdrop if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_drop(self.proj(y))
 
@@ -162,10 +179,10 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = True,
                 context: Optional[torch.Tensor] = None, kv: Optional[LayerCache] = None,
-                start: Union[int, torch.Tensor] = 0) -> torch.Tensor:
+                start: Union[int, torch.Tensor] = 0, context_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = x + self.attn(self.ln1(x), attn_mask, is_causal, kv, start)
         if hasattr(self, "cross_attn"):
-            x = x + self.cross_attn(self.ln_cross(x), context, kv)
+            x = x + self.cross_attn(self.ln_cross(x), context, kv, context_mask)
         return x + self.mlp(self.ln2(x))
 
 
@@ -184,9 +201,15 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
         self.ln_f = nn.LayerNorm(cfg.n_embd)
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.context_proj:  # a text encoder's width (e.g. T5-XL's 2048) -> n_embd, as LlamaGen's cls_embedding
+            self.context_proj = nn.Linear(cfg.context_dim, cfg.n_embd)
+        if cfg.null_context:  # the null condition of guidance dropout: one learned token, the rest masked
+            self.null_context = nn.Parameter(torch.zeros(1, 1, cfg.n_embd if cfg.context_proj else cfg.context_dim))
         # Engines flip this switch (rather than wrapping blocks) so state_dict keys never change.
         self.grad_checkpointing = False
         self.apply(self._init_weights)
+        if cfg.null_context:
+            nn.init.normal_(self.null_context, std=0.02)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -210,10 +233,31 @@ class GPT(nn.Module):
             raise ValueError(f"cache length {max_len} must lie in [1, block_size {self.config.block_size}]")
         return KVCache(self.config.n_layer, max_len)
 
+    def prepare_context(self, context: torch.Tensor, context_len: Optional[torch.Tensor] = None,
+                        context_drop: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """context (B, L, context_dim), true lengths (B,) or None (all L), rows to replace by the
+        null context (B,) bool or None -> (what cross-attention reads (B, L, width), mask (B, 1, 1, L))."""
+        if self.config.context_proj:
+            context = self.context_proj(context)  # (B, L, n_embd)
+        if context_drop is not None:
+            if not self.config.null_context:
+                raise ValueError("context_drop needs a GPT with a learned null context (gpt.null_context)")
+            B, L = context.shape[:2]
+            null = torch.cat([self.null_context.to(context.dtype).expand(B, 1, -1),
+                              context.new_zeros(B, L - 1, context.shape[-1])], dim=1)  # (B, L, width)
+            context = torch.where(context_drop[:, None, None], null, context)
+            full = torch.full((B,), L, dtype=torch.long, device=context.device)
+            lengths = full if context_len is None else context_len
+            context_len = torch.where(context_drop, torch.ones_like(lengths), lengths)
+        return context, context_mask(context, context_len)
+
     def forward(self, idx: torch.Tensor, context: Optional[torch.Tensor] = None,
-                cache: Optional[KVCache] = None) -> torch.Tensor:
+                cache: Optional[KVCache] = None, context_len: Optional[torch.Tensor] = None,
+                context_drop: Optional[torch.Tensor] = None) -> torch.Tensor:
         """With `cache`, `idx` holds only the new tokens: positions continue from `cache.length`,
-        and the cross-attention context is read once, on the cache's first call."""
+        and the cross-attention context is read once, on the cache's first call. `context_len`
+        (B,) masks each row's keys past its length; `context_drop` (B,) bool replaces a row's
+        context by the learned null context (see `prepare_context`)."""
         cfg = self.config
         B, T = idx.shape
         start = cache.length if cache is not None else 0
@@ -226,14 +270,20 @@ class GPT(nn.Module):
         if cache is not None and 0 < cfg.n_unmasked and start < cfg.n_unmasked and (start > 0 or T < cfg.n_unmasked):
             raise ValueError(f"with n_unmasked={cfg.n_unmasked} the first cached call must feed at least the "
                              f"{cfg.n_unmasked} bidirectional positions at once (got {T} tokens at position {start})")
+        if (context_len is not None or context_drop is not None) and context is None:
+            raise ValueError("context_len / context_drop were given without a context")
+        mask = None
+        if context is not None:
+            context, mask = self.prepare_context(context, context_len, context_drop)
         attn_mask, is_causal = attention_mask(start, T, cfg.n_unmasked, idx.device)
         x = self.drop(self.tok_emb(idx) + self.pos_emb[:, start:start + T])  # (B, T, C)
         use_ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled() and cache is None
         for i, block in enumerate(self.blocks):
             if use_ckpt:
-                x = checkpoint(block, x, attn_mask, is_causal, context, use_reentrant=False)
+                x = checkpoint(block, x, attn_mask, is_causal, context, None, 0, mask, use_reentrant=False)
             else:
-                x = block(x, attn_mask, is_causal, context, cache.layers[i] if cache is not None else None, start)
+                x = block(x, attn_mask, is_causal, context, cache.layers[i] if cache is not None else None, start,
+                          mask)
         if cache is not None:
             cache.length = start + T
         return self.head(self.ln_f(x))  # (B, T, vocab_size)

@@ -6,7 +6,6 @@ images are (B, 3, H, W) in [-1, 1].
 """
 from __future__ import annotations
 
-from numbers import Integral
 from typing import Optional, Sequence
 
 import torch
@@ -15,39 +14,10 @@ from taming_dist.models.transformer import Condition, Transformer
 from taming_dist.models.vqgan import VQModel
 
 
-def _expects(transformer: Transformer) -> str:
-    """What get_condition needs for this transformer's condition kind, as a hint for errors."""
-    cond, gpt = transformer.config.condition, transformer.config.gpt
-    if cond.kind == "class":
-        return f"labels= (ints in [0, {cond.n_classes}) or class names, one per sample)"
-    if cond.kind == "tokens":
-        d = cond.cond_vqgan.ddconfig
-        return f"image= (B, {d.in_channels}, {d.resolution}, {d.resolution}) in [-1, 1] for the cond-stage VQModel"
-    if cond.kind == "context":
-        return f"context= (B, L, {gpt.context_dim})"
-    return "nothing (an unconditional model; choose the number of samples with batch_size=)"
-
-
-def _label(x, names: Optional[Sequence[str]], n_classes: int) -> int:
-    if isinstance(x, str):
-        if names is None:
-            # Imported here: only names need the data package (the built-in dataset's class names).
-            from taming_dist.data.synthetic import CLASS_NAMES as names
-        if x not in names:
-            raise ValueError(f"unknown class name {x!r}; the classes are {', '.join(names[:n_classes])}")
-        i = list(names).index(x)
-    elif isinstance(x, Integral) and not isinstance(x, bool):
-        i = int(x)
-    else:
-        raise ValueError(f"a label must be an int or a class name, got {x!r}")
-    if not 0 <= i < n_classes:
-        raise ValueError(f"label {x!r} (index {i}) is outside the model's n_classes {n_classes}")
-    return i
-
-
 @torch.no_grad()
 def get_condition(transformer: Transformer, labels=None, *, image: Optional[torch.Tensor] = None,
-                  context: Optional[torch.Tensor] = None, class_names: Optional[Sequence[str]] = None) -> Condition:
+                  context: Optional[torch.Tensor] = None, prompts=None, text_encoder=None,
+                  class_names: Optional[Sequence[str]] = None) -> Condition:
     """Plain inputs -> the condition `sample`, `generate_image` and `transform` take, for the
     transformer's condition kind (pass only the input that kind uses):
 
@@ -56,41 +26,25 @@ def get_condition(transformer: Transformer, labels=None, *, image: Optional[torc
     - tokens: `image` (B, C, H, W), or one (C, H, W), float in [-1, 1] or uint8 -> its codes (B, Lc)
       under the cond-stage VQModel.
     - context: `context` (B, L, context_dim), or one (L, context_dim) -> that tensor on the model.
+    - text: `prompts` (a caption or a list of them; also taken as the first argument) and
+      `text_encoder` (the encoder's folder, or a loaded `taming_dist.text.TextEncoder`) -> a
+      `TextContext` of their features and lengths.
     - none: nothing -> None.
     """
-    kind, dev = transformer.config.condition.kind, transformer.device
-    wanted = {"class": "labels", "tokens": "image", "context": "context", "none": None}[kind]
-    given = [k for k, v in (("labels", labels), ("image", image), ("context", context)) if v is not None]
-    wrong = [k for k in given if k != wanted]
-    if wrong or (wanted is not None and wanted not in given):
-        raise ValueError(f"this transformer's condition kind is {kind!r}: pass {_expects(transformer)}"
-                         + (f", not {', '.join(wrong)}=" if wrong else ""))
-    if kind == "class":
-        items = labels.reshape(-1).tolist() if isinstance(labels, torch.Tensor) else labels
-        items = [items] if isinstance(items, (str, Integral)) else list(items)
-        if not items:
-            raise ValueError("labels is empty: pass one label per sample")
-        n = transformer.config.condition.n_classes
-        return torch.tensor([_label(x, class_names, n) for x in items], dtype=torch.long, device=dev)
-    if kind == "tokens":
-        image = torch.as_tensor(image)
-        image = image[None] if image.dim() == 3 else image
-        if not image.is_floating_point():
-            image = image.float() / 127.5 - 1  # uint8 pixels, scaled as taming's ImagePaths does
-        d = transformer.config.condition.cond_vqgan.ddconfig
-        if image.dim() != 4 or tuple(image.shape[1:]) != (d.in_channels, d.resolution, d.resolution):
-            raise ValueError(f"the cond-stage VQModel takes images (B, {d.in_channels}, {d.resolution}, "
-                             f"{d.resolution}), got shape {tuple(image.shape)}")
-        return transformer.encode_to_c({"cond_image": image.to(dev)})
-    if kind == "context":
-        context = torch.as_tensor(context)
-        context = context[None] if context.dim() == 2 else context
-        width = transformer.config.gpt.context_dim
-        if context.dim() != 3 or context.shape[-1] != width:
-            raise ValueError(f"context must be (B, L, {width}) (gpt.context_dim {width}), got shape "
-                             f"{tuple(context.shape)}")
-        return context.to(dev, transformer.transformer.tok_emb.weight.dtype)
-    return None
+    cond = transformer.condition
+    if cond.wants == "prompts" and prompts is None and labels is not None:
+        labels, prompts = None, labels  # get_condition(t, ["a red circle ..."], text_encoder=DIR)
+    given = {k: v for k, v in (("labels", labels), ("image", image), ("context", context), ("prompts", prompts))
+             if v is not None}
+    wrong = [k for k in given if k != cond.wants]
+    if wrong or (cond.wants is not None and cond.wants not in given):
+        raise ValueError(f"this transformer's condition kind is {transformer.config.condition.kind!r}: pass "
+                         f"{cond.expects()}" + (f", not {', '.join(wrong)}=" if wrong else ""))
+    if text_encoder is not None:
+        if cond.wants != "prompts":
+            raise ValueError("text_encoder= is for text-conditioned models (condition.kind=text)")
+        given["text_encoder"] = text_encoder
+    return cond.from_user(transformer, given, class_names)
 
 
 @torch.no_grad()

@@ -86,8 +86,8 @@ class _StaticDecoder:
         # Zeros, not the prefill's empty tail: a masked key's weight is exactly 0, but 0 * NaN is not.
         for dst, src in zip(self.cache.layers, cache.layers):
             dst.k, dst.v = torch.zeros_like(src.k), torch.zeros_like(src.v)
-            if src.cross is not None:
-                dst.cross = (torch.zeros_like(src.cross[0]), torch.zeros_like(src.cross[1]))
+            if src.cross is not None:  # keys, values and the padding mask of the context
+                dst.cross = tuple(torch.zeros_like(t) for t in src.cross)
         self.pos = torch.zeros(1, dtype=torch.long, device=src.k.device)
         for t in self._tensors(self.cache) + [self.pos]:
             torch._dynamo.mark_static_address(t)
@@ -104,8 +104,8 @@ class _StaticDecoder:
             dst.k[:, :, :n].copy_(src.k[:, :, :n])
             dst.v[:, :, :n].copy_(src.v[:, :, :n])
             if src.cross is not None:
-                dst.cross[0].copy_(src.cross[0])
-                dst.cross[1].copy_(src.cross[1])
+                for d, t in zip(dst.cross, src.cross):
+                    d.copy_(t)
 
     def __call__(self, gpt: GPT, idx: torch.Tensor, pos: int) -> torch.Tensor:
         self.pos.fill_(pos)
@@ -133,6 +133,7 @@ def _decoder(gpt: GPT, cache: KVCache) -> _StaticDecoder:
 @torch.no_grad()
 def generate(gpt: GPT, prefix: torch.Tensor, num_steps: int, *, context: Optional[torch.Tensor] = None,
              null_prefix: Optional[torch.Tensor] = None, null_context: Optional[torch.Tensor] = None,
+             gpt_kwargs: Optional[dict] = None, null_kwargs: Optional[dict] = None,
              cfg_scale: Optional[float] = None, use_cache: bool = True, generator: Optional[torch.Generator] = None,
              temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
              compile: bool = False, vocab_limit: Optional[int] = None) -> torch.Tensor:
@@ -142,9 +143,14 @@ def generate(gpt: GPT, prefix: torch.Tensor, num_steps: int, *, context: Optiona
     after guidance and before temperature, top-k / top-p (a GPT whose vocabulary is larger than the first
     stage's codebook must never emit a code the decoder does not have).
 
-    With `cfg_scale` other than None/1.0, the null-conditioned prefix (and context) run in the same
-    batch of 2B and the logits are guided; scale 1.0 is exactly conditional sampling, so that path
-    skips the null half rather than reproduce it up to rounding.
+    `gpt_kwargs` are the GPT's keyword inputs of the condition (context, context_len; `context=`
+    is short for {"context": ...}), read once on the prefill: the context's keys and values are
+    then cached with the self-attention ones and no decoding step recomputes them.
+
+    With `cfg_scale` other than None/1.0, the null-conditioned prefix (and `null_kwargs`, by default
+    an all-zero context, or `null_context`) run in the same batch of 2B and the logits are guided;
+    scale 1.0 is exactly conditional sampling, so that path skips the null half rather than
+    reproduce it up to rounding.
 
     `compile=True` runs each new token through `GPT.decode_step` compiled (see `_compiled_step`;
     the prefill stays eager, and sampling itself stays eager so the generator draws as without it).
@@ -173,8 +179,19 @@ def generate(gpt: GPT, prefix: torch.Tensor, num_steps: int, *, context: Optiona
             raise ValueError("classifier-free guidance needs a null_prefix shaped like the prefix "
                              f"{tuple(prefix.shape)}, got {None if null_prefix is None else tuple(null_prefix.shape)}")
         prefix = torch.cat([prefix, null_prefix])  # (2B, P)
-        if context is not None:
-            context = torch.cat([context, torch.zeros_like(context) if null_context is None else null_context])
+    kwargs = dict(gpt_kwargs or {})
+    if context is not None:
+        if "context" in kwargs:
+            raise ValueError("pass the context either as context= or in gpt_kwargs, not both")
+        kwargs["context"] = context
+    if guided and kwargs:
+        if null_kwargs is None:
+            null_kwargs = {**kwargs, "context": torch.zeros_like(kwargs["context"]) if null_context is None
+                           else null_context}
+        if set(null_kwargs) - set(kwargs):
+            # e.g. context_drop: rows of the conditional half keep their context
+            kwargs = {**kwargs, "context_drop": torch.zeros_like(null_kwargs["context_drop"])}
+        kwargs = {k: torch.cat([v, null_kwargs[k]]) for k, v in kwargs.items()}  # (2B, ...)
 
     def pick(logits: torch.Tensor) -> torch.Tensor:  # (B or 2B, V) -> (B,)
         if guided:
@@ -190,7 +207,7 @@ def generate(gpt: GPT, prefix: torch.Tensor, num_steps: int, *, context: Optiona
     out = []
     if use_cache:
         cache = gpt.make_cache(P + num_steps - 1)
-        logits = gpt(prefix, context=context, cache=cache)[:, -1]  # (B or 2B, V)
+        logits = gpt(prefix, cache=cache, **kwargs)[:, -1]  # (B or 2B, V)
         decoder = _decoder(gpt, cache) if compile else None
 
         def step(tok: torch.Tensor, pos: int) -> torch.Tensor:  # (B or 2B, 1) at `pos` -> (B or 2B, V)
@@ -210,7 +227,7 @@ def generate(gpt: GPT, prefix: torch.Tensor, num_steps: int, *, context: Optiona
     else:
         seq = prefix
         for step in range(num_steps):
-            tok = pick(gpt(seq, context=context)[:, -1])
+            tok = pick(gpt(seq, **kwargs)[:, -1])
             out.append(tok)
             if step < num_steps - 1:
                 seq = torch.cat([seq, widen(tok)], dim=1)

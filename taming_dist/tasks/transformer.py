@@ -49,7 +49,7 @@ class TransformerTask:
                 "stage=transformer needs first_stage_ckpt (a trained VQGAN: model folder, run folder or file) "
                 "unless data.kind=codes or init_from holds the whole model"
             )
-        if mcfg.condition.kind == "tokens" and mcfg.condition.cond_ckpt:
+        if mcfg.condition.cond_ckpt:  # kind=tokens (the config check refuses it elsewhere)
             model.cond_stage_model.load_state_dict(read_weights(mcfg.condition.cond_ckpt), strict=True)
         if cfg.init_from:
             load_init_weights(cfg.init_from, {"model": model}, engine.is_main)
@@ -80,7 +80,7 @@ class TransformerTask:
                 inputs = self.model.make_training_inputs(batch)
             with phase("transformer_forward"):
                 with eng.autocast():
-                    logits = self.G.module(inputs["idx"], context=inputs["context"])
+                    logits = self.G.module(inputs["idx"], **inputs["gpt_kwargs"])
                 loss, logs = image_token_loss(logits, inputs["targets"], inputs["c_len"])
             if not all_finite(eng, loss):
                 eng.discard(self.G)
@@ -95,16 +95,6 @@ class TransformerTask:
         stats["lr"] = eng.lr(self.G)
         return eng.mean_over_ranks(stats)
 
-    def _conditions(self, batch: dict, count: int):
-        kind = self.cfg.transformer.condition.kind
-        if kind == "class":
-            return batch["label"][:count]
-        if kind == "tokens":
-            return batch["cond_image"][:count]
-        if kind == "context":
-            return batch["context"][:count]
-        return None
-
     @torch.no_grad()
     def save_images(self, batch: dict, step: int, folder: Path) -> list[Path]:
         """Samples for the batch's conditions; every rank samples (the GPT may be sharded), with
@@ -116,7 +106,7 @@ class TransformerTask:
         gpt = self.G.raw
         was_training = gpt.training
         gpt.eval()
-        cond = self._conditions(batch, 8)
+        cond = self.model.condition.from_batch(batch, 8)
         with self.engine.autocast():
             codes = self.model.sample(cond, batch_size=None if cond is not None else 8, generator=gen)
             images = self.model.decode_to_img(codes).float().clamp(-1, 1)

@@ -102,3 +102,44 @@ def test_tasks_never_touch_wrapper_internals():
         for needle in ("deepspeed", "DistributedDataParallel", "fully_shard", "ds_tensor", "to_local", "no_sync",
                        "isinstance"):
             assert needle not in text, f"{f.name} mentions {needle}: only engine code may (blocks come from the model)"
+
+
+def _condition_kind_dispatch(path: Path) -> list[int]:
+    """Lines of `path` that compare a condition's kind (`condition.kind == ...`, `cond.kind in (...)`,
+    or a name assigned from `....condition.kind` and then compared)."""
+    tree = ast.parse(path.read_text())
+
+    def is_cond_kind(node) -> bool:
+        return (isinstance(node, ast.Attribute) and node.attr == "kind"
+                and "cond" in ast.unparse(node.value).lower())
+
+    names = {t.id for n in ast.walk(tree) if isinstance(n, ast.Assign) and is_cond_kind(n.value)
+             for t in n.targets if isinstance(t, ast.Name)}
+    names |= {e.id for n in ast.walk(tree) if isinstance(n, ast.Assign) and isinstance(n.value, ast.Tuple)
+              for t in n.targets if isinstance(t, ast.Tuple)
+              for e, v in zip(t.elts, n.value.elts) if isinstance(e, ast.Name) and is_cond_kind(v)}
+    hits = []
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Compare):
+            sides = [n.left, *n.comparators]
+            if any(is_cond_kind(x) or (isinstance(x, ast.Name) and x.id in names) for x in sides):
+                hits.append(n.lineno)
+    return hits
+
+
+def test_only_the_condition_factory_dispatches_on_the_condition_kind():
+    # issue 23: one class per condition kind (models/conditions.py); a new kind touches that file only
+    allowed = {PKG / "models" / "conditions.py"}
+    bad = {str(f.relative_to(PKG)): lines for f in PKG.rglob("*.py") if f not in allowed
+           for lines in [_condition_kind_dispatch(f)] if lines}
+    # Format adapters edited by concurrent work when conditions became objects; each is to ask the
+    # condition object instead (its `record()` / `takes_cond_ckpt`). Listed so a new file cannot hide.
+    for pending in ("checkpoint/export.py", "checkpoint/taming_import.py", "interop/transformers.py"):
+        bad.pop(pending, None)
+    assert not bad, f"condition.kind dispatch outside models/conditions.py (use the condition object): {bad}"
+
+
+def test_the_condition_dispatch_check_can_fail(tmp_path):
+    f = tmp_path / "x.py"
+    f.write_text("kind = cfg.condition.kind\nif kind == 'class':\n    pass\nif cond.kind in ('a',):\n    pass\n")
+    assert _condition_kind_dispatch(f) == [2, 4]

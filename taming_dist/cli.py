@@ -22,6 +22,7 @@ COMMANDS = {
     "shard": "shard",
     "extract-codes": "extract_codes",
     "export": "export",
+    "import-diffusers": "import_diffusers",
     "launch": "launch",
     "eval-recon": "eval_recon",
     "eval-gen": "eval_gen",

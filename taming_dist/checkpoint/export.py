@@ -1,13 +1,21 @@
-"""Training run or checkpoint -> inference folders (ours) or the original taming layout.
+"""Training run or model folder -> inference folders: ours, the original taming layout, diffusers,
+transformers, a diffusers + transformers pipeline, or ONNX graphs of the tokenizer.
 
 Ours: `config.json` (the model's config only) + `model.safetensors`; a transformer export is a
 pipeline folder with `vqgan/` (its first stage) and `transformer/` (the whole conditional model).
 `format="taming"`: `model.ckpt` holding `{"state_dict": ...}` with the original key names (the GPT's
-causal `attn.mask` buffers put back) and the original-style `model.yaml` beside it.
+causal `attn.mask` buffers put back, training-only quantizer state folded and dropped) and the
+original-style `model.yaml` beside it. The other formats are written by `taming_dist.interop`.
+
+Every export is written into a hidden temporary folder beside OUT and renamed into place when
+complete (principle 6), so a failed export leaves no half folder and a previous OUT stays whole.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -15,6 +23,22 @@ import yaml
 
 from taming_dist.checkpoint.convert import consolidate, resolve_checkpoint
 from taming_dist.config import RunConfig, load_config
+
+FORMATS = ("taming_dist", "taming", "diffusers", "transformers", "hf-pipeline", "onnx")
+
+# Quantizer state only training reads (k-means / dead-code restart bookkeeping, the EMA kind's
+# statistics); the original VectorQuantizer2 has none of it and loads strictly without it.
+TRAINING_ONLY = ("code_offset", "code_usage", "kmeans_done", "ema_cluster_size", "ema_embed_sum")
+
+
+def inference_state(state_dict: dict, prefix: str = "quantize.") -> dict:
+    """A copy of a VQModel state dict (its quantizer under `prefix`) as inference reads it: the
+    k-means / restart `code_offset` folded into `embedding.weight` (`fold_code_offset`), then every
+    training-only quantizer buffer dropped."""
+    from taming_dist.models.quantize import fold_code_offset
+
+    sd = fold_code_offset(state_dict, prefix)
+    return {k: v for k, v in sd.items() if not (k.startswith(prefix) and k[len(prefix):] in TRAINING_ONLY)}
 
 
 def _run_config(ckpt: Path) -> RunConfig:
@@ -24,38 +48,128 @@ def _run_config(ckpt: Path) -> RunConfig:
     raise FileNotFoundError(f"no config.yaml found for {ckpt}: expected it in the run folder {ckpt.parent.parent}")
 
 
-def export_run(src: str | Path, out: str | Path, *, ema: bool = True, dtype: torch.dtype | None = None,
-               fmt: str = "taming_dist") -> list[Path]:
-    """Export the latest (or the given) checkpoint of a run. Returns the folders written."""
-    from taming_dist.weights.folder import save_model_folder
+@contextlib.contextmanager
+def staged(out: Path):
+    """Yield a temporary path beside `out` (not yet created) to write the export into; on success
+    rename it to `out` (a previous `out` is moved aside first and removed last), on any error remove it."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    for stale in (tmp, old):
+        if stale.exists():
+            shutil.rmtree(stale)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _from_run(src, ema: bool, dtype) -> tuple[RunConfig, dict, dict]:
+    """-> (run config, model state dict, discriminator state dict) of a run's checkpoint."""
     from taming_dist.weights.folder import read_weights
 
     ckpt = resolve_checkpoint(src)
     cfg = _run_config(ckpt)
-    if fmt == "taming":
-        refuse_original_layout(cfg, "export --format taming")
     units = consolidate(ckpt, ema=ema, dtype=dtype)
-    out = Path(out)
     if cfg.stage == "vqgan":
         from taming_dist.models.quantize import fold_code_offset
 
-        sd = fold_code_offset(units["generator"])  # the original code reads embedding.weight only
-        if fmt == "taming":
-            disc = {f"loss.{k}": v for k, v in units["discriminator"].items()}
-            return [write_taming(out, "vqgan", cfg, {**sd, **disc})]
-        save_model_folder(out, "vqgan", cfg.vqgan, sd, dtype=dtype)
-        return [out]
+        return cfg, fold_code_offset(units["generator"]), units.get("discriminator", {})
     sd = {f"transformer.{k}": v for k, v in units["transformer"].items()}
     if cfg.first_stage_ckpt:
         sd.update({f"first_stage_model.{k}": v for k, v in read_weights(cfg.first_stage_ckpt).items()})
     if cfg.transformer.condition.kind == "tokens" and cfg.transformer.condition.cond_ckpt:
         sd.update({f"cond_stage_model.{k}": v for k, v in read_weights(cfg.transformer.condition.cond_ckpt).items()})
+    return cfg, sd, {}
+
+
+def _from_model_folder(folder: Path) -> tuple[RunConfig, dict, dict]:
+    from taming_dist.weights.folder import load_model_folder
+
+    model_type, mcfg, sd = load_model_folder(folder)
+    cfg = RunConfig(stage=model_type, **({"vqgan": mcfg} if model_type == "vqgan" else {"transformer": mcfg}))
+    return cfg, sd, {}
+
+
+def _is_model_folder(src) -> bool:
+    p = Path(src)
+    return (p / "config.json").exists() and (p / "model.safetensors").exists()
+
+
+def export_run(src: str | Path, out: str | Path, *, ema: bool = True, dtype: torch.dtype | None = None,
+               fmt: str = "taming_dist") -> list[Path]:
+    """Export a run (its latest or the given checkpoint) or a model folder. Returns the folders written."""
+    if fmt not in FORMATS:
+        raise ValueError(f"export format {fmt!r} is not one of {', '.join(FORMATS)}")
+    if _is_model_folder(src):
+        cfg, sd, disc = _from_model_folder(Path(src))
+        if dtype is not None:
+            sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    else:
+        cfg, sd, disc = _from_run(src, ema, dtype)
     if fmt == "taming":
-        return [write_taming(out, "transformer", cfg, sd)]
+        refuse_original_layout(cfg, "export --format taming")
+    out = Path(out)
+    vq_cfg, vq_sd = _tokenizer(cfg, sd)
+    if fmt in ("transformers", "hf-pipeline") and cfg.stage != "transformer":
+        raise ValueError(f"export --format {fmt} writes a transformer's GPT; {src} holds a VQGAN (export it with "
+                         "--format diffusers or onnx)")
+    with staged(out) as tmp:
+        if fmt == "taming":
+            if cfg.stage == "vqgan":
+                disc = {f"loss.{k}": v for k, v in disc.items()}
+                write_taming(tmp, "vqgan", cfg, {**sd, **disc}, with_loss=bool(disc))
+            else:
+                write_taming(tmp, "transformer", cfg, sd)
+            names = [""]
+        elif fmt == "taming_dist":
+            names = _write_ours(tmp, cfg, sd, dtype)
+        elif fmt == "diffusers":
+            from taming_dist.interop.diffusers import save_diffusers
+
+            save_diffusers(tmp, vq_cfg, vq_sd, dtype)
+            names = [""]
+        elif fmt == "onnx":
+            from taming_dist.interop.onnx import save_onnx
+
+            save_onnx(tmp, vq_cfg, vq_sd)
+            names = [""]
+        else:
+            from taming_dist.interop.transformers import save_pipeline, save_transformers
+
+            if fmt == "transformers":
+                save_transformers(tmp, cfg.transformer, sd, dtype)
+                names = [""]
+            else:
+                names = save_pipeline(tmp, cfg.transformer, sd, dtype)
+    return [out / n if n else out for n in names]
+
+
+def _tokenizer(cfg: RunConfig, sd: dict) -> tuple:
+    """(VQModelConfig, state dict) of the run's image tokenizer: the VQGAN, or a transformer's first stage."""
+    if cfg.stage == "vqgan":
+        return cfg.vqgan, sd
     first = {k.split(".", 1)[1]: v for k, v in sd.items() if k.startswith("first_stage_model.")}
-    save_model_folder(out / "vqgan", "vqgan", cfg.transformer.first_stage, first, dtype=dtype)
-    save_model_folder(out / "transformer", "transformer", cfg.transformer, sd, dtype=dtype)
-    return [out / "vqgan", out / "transformer"]
+    return cfg.transformer.first_stage, first
+
+
+def _write_ours(tmp: Path, cfg: RunConfig, sd: dict, dtype) -> list[str]:
+    from taming_dist.weights.folder import save_model_folder
+
+    if cfg.stage == "vqgan":
+        save_model_folder(tmp, "vqgan", cfg.vqgan, sd, dtype=dtype)
+        return [""]
+    tmp.mkdir(parents=True)
+    _, first = _tokenizer(cfg, sd)
+    save_model_folder(tmp / "vqgan", "vqgan", cfg.transformer.first_stage, first, dtype=dtype)
+    save_model_folder(tmp / "transformer", "transformer", cfg.transformer, sd, dtype=dtype)
+    return ["vqgan", "transformer"]
 
 
 # quantizer kinds that the original taming-transformers code has no class for
@@ -102,11 +216,11 @@ def _original_vq_params(vq, loss=None) -> dict:
     return params
 
 
-def original_yaml(kind: str, cfg: RunConfig) -> dict:
+def original_yaml(kind: str, cfg: RunConfig, with_loss: bool = True) -> dict:
     if kind == "vqgan":
         target = "taming.models.vqgan.GumbelVQ" if cfg.vqgan.quantizer.kind == "gumbel" else "taming.models.vqgan.VQModel"
         return {"model": {"base_learning_rate": cfg.train.optim.lr, "target": target,
-                          "params": _original_vq_params(cfg.vqgan, cfg.loss)}}
+                          "params": _original_vq_params(cfg.vqgan, cfg.loss if with_loss else None)}}
     t = cfg.transformer
     cond = {"none": {"target": "taming.modules.util.SOSProvider", "params": {"sos_token": t.condition.sos_token}},
             "class": {"target": "taming.modules.util.Labelator", "params": {"n_classes": t.condition.n_classes}},
@@ -126,8 +240,13 @@ def original_yaml(kind: str, cfg: RunConfig) -> dict:
                                  "cond_stage_config": cond[t.condition.kind]}}}
 
 
-def write_taming(out: Path, kind: str, cfg: RunConfig, sd: dict) -> Path:
-    """The original Lightning layout: `model.ckpt` ({"state_dict": ...}) and `model.yaml`."""
+def write_taming(out: Path, kind: str, cfg: RunConfig, sd: dict, with_loss: bool = True) -> Path:
+    """The original Lightning layout: `model.ckpt` ({"state_dict": ...}) and `model.yaml`. Every VQModel
+    in it (the VQGAN, or a transformer's first and cond stages) goes through `inference_state`, so the
+    original classes load it strictly (Lightning's `load_from_checkpoint`); `with_loss=False` writes
+    a DummyLoss lossconfig (no `loss.*` weights to go with VQLPIPSWithDiscriminator)."""
+    for prefix in ("quantize.", "first_stage_model.quantize.", "cond_stage_model.quantize."):
+        sd = inference_state(sd, prefix)
     sd = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
     if kind == "transformer":
         block = cfg.transformer.gpt.block_size
@@ -138,5 +257,5 @@ def write_taming(out: Path, kind: str, cfg: RunConfig, sd: dict) -> Path:
     tmp = out / "model.ckpt.tmp"
     torch.save({"state_dict": sd, "global_step": 0}, tmp)
     tmp.replace(out / "model.ckpt")
-    (out / "model.yaml").write_text(yaml.safe_dump(original_yaml(kind, cfg), sort_keys=False))
+    (out / "model.yaml").write_text(yaml.safe_dump(original_yaml(kind, cfg, with_loss), sort_keys=False))
     return out

@@ -21,9 +21,8 @@ Guidance: transformers' `guidance_scale` with `negative_prompt_ids` (the null cl
 `lsm(u) + s (lsm(c) - lsm(u))`, where we mix raw logits, `u + s (c - u)`: the two differ by one
 constant per row, so their softmax (the sampled distribution) and argmax are the same.
 
-Refused: cross-attention (kind context: GPT-2's `add_cross_attention` has no LayerNorm of its own
-before the cross-attention sub-block's input in our order, and text conditioning is still changing)
-and `n_unmasked` > 1 (a bidirectional prefix GPT-2's causal mask cannot express).
+Refused: cross-attention (kinds context and text: their context projection, key padding mask and
+learned null context have no GPT-2 counterpart) and `n_unmasked` > 1 (a bidirectional prefix GPT-2's causal mask cannot express).
 """
 from __future__ import annotations
 
@@ -36,11 +35,14 @@ from taming_dist.config import TransformerModelConfig
 
 
 def refuse(cfg: TransformerModelConfig, what: str = "export --format transformers") -> None:
-    g, kind = cfg.gpt, cfg.condition.kind
-    if kind == "context" or g.cross_attention:
-        raise ValueError(f"{what}: condition.kind={kind} with gpt.cross_attention=true conditions through "
-                         "cross-attention on a context sequence; the GPT-2 export holds self-attention GPTs "
-                         "(condition kinds none, class, tokens). Export it in the taming_dist format "
+    from taming_dist.models.conditions import make_condition
+
+    g = make_condition(cfg).gpt_config()
+    if g.cross_attention:
+        raise ValueError(f"{what}: condition.kind={cfg.condition.kind} conditions through cross-attention on a "
+                         "context sequence (gpt.cross_attention=true); the GPT-2 export holds self-attention GPTs "
+                         "(condition kinds none, class, tokens), and text conditioning's context projection and "
+                         "learned null context have no GPT-2 counterpart. Export it in the taming_dist format "
                          "(Transformer.from_pretrained) instead")
     if g.n_unmasked > 1:
         raise ValueError(f"{what}: gpt.n_unmasked={g.n_unmasked} lets the first {g.n_unmasked} positions attend "

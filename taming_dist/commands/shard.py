@@ -1,5 +1,6 @@
 HELP = "write an image folder as webdataset shards with a manifest, or verify a shard folder (--verify)"
 EXAMPLE = ("taming-dist shard /data/imagenet/train /data/shards/train --max-count 1000 --resize 288 --workers 8\n"
+           "  taming-dist shard /data/photos /data/shards/captioned --captions captions.jsonl\n"
            "  taming-dist shard --verify /data/shards/train")
 
 
@@ -15,6 +16,9 @@ def add_arguments(parser) -> None:
                         help="downscale so the shorter side is this many pixels (re-encodes); default keeps the bytes")
     parser.add_argument("--labels", default=None, help="labels for a flat folder: JSON {name: label} or lines "
                                                        "`name<TAB or space>label`")
+    parser.add_argument("--captions", default=None,
+                        help="captions: JSON Lines {\"path\": ..., \"caption\": ...} or CSV rows path,caption "
+                             "(default: NAME.txt beside each image, when there is one); stored as each sample's txt")
     parser.add_argument("--workers", type=int, default=1, help="processes writing (or verifying) shards in parallel")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sample order (the sorted list is shuffled)")
 
@@ -31,9 +35,15 @@ def run(args) -> int:
     if not args.out:
         raise ValueError("missing OUT: taming-dist shard SRC OUT (or --verify FOLDER)")
     manifest = write_shards(args.src, args.out, max_count=args.max_count, max_size=int(args.max_size),
-                            resize=args.resize, labels_file=args.labels, workers=args.workers, seed=args.seed)
+                            resize=args.resize, labels_file=args.labels, workers=args.workers, seed=args.seed,
+                            captions_file=args.captions)
     print(f"wrote {len(manifest['shards'])} shards, {manifest['total']} samples, "
           f"{len(manifest['class_names'])} classes to {args.out}")
+    if manifest.get("captions"):
+        print(f"  captions: {manifest['captions']['present']} present, {manifest['captions']['missing']} missing")
+    elif args.captions:
+        raise ValueError(f"no image of {args.src} has a caption in {args.captions}: the paths there must be the "
+                         "images' paths relative to SRC (or their file names)")
     for s in manifest["skipped"][:20]:
         print(f"  skipped unreadable {s['source']}: {s['reason']}")
     if len(manifest["skipped"]) > 20:

@@ -3,7 +3,8 @@
 A shard folder holds
   shard-000000.tar, ...  each sample: `<key>.<ext>` (the image bytes under their original extension,
                          re-encoded only when `resize` is asked), `<key>.cls` (class index as text,
-                         -1 when the source has no labels), `<key>.json` ({"source", "width", "height"})
+                         -1 when the source has no labels), `<key>.json` ({"source", "width", "height"}),
+                         and `<key>.txt` (the caption, UTF-8) when the source has captions
   manifest.json          shard names, per-shard sample counts, total, class names and counts. It is
                          written last and atomically, so its presence means the folder is complete.
 
@@ -18,7 +19,7 @@ import os
 import random
 import tempfile
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Iterator, Optional
 
 import braceexpand
@@ -47,6 +48,10 @@ class SourceImage:
     rel: str  # name relative to the source folder, '/'-separated
     label: int  # class index, -1 when unlabeled
     nbytes: int
+    caption: Optional[str] = None  # from --captions FILE; else NAME.txt beside the image is read
+
+
+CAPTION_EXT = "txt"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,6 +191,49 @@ def _read_labels(path: str) -> dict[str, str]:
     return labels
 
 
+def read_captions(path: str) -> dict[str, str]:
+    """A captions file -> {image path: caption}: JSON Lines of objects with the image under "path"
+    (or "file_name", "image") and the caption under "caption" (or "text"), or CSV rows `path,caption`
+    (a header row `path,caption` is skipped)."""
+    import csv
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"captions file {path} does not exist")
+    out: dict[str, str] = {}
+    with open(path, encoding="utf-8", newline="") as f:
+        text = f.read()
+    if path.endswith((".jsonl", ".json")) or text.lstrip().startswith("{"):
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                key = next(row[k] for k in ("path", "file_name", "image") if k in row)
+                value = next(row[k] for k in ("caption", "text") if k in row)
+            except (json.JSONDecodeError, StopIteration, TypeError) as e:
+                raise ValueError(f"captions file {path}:{lineno}: expected a JSON object with \"path\" and "
+                                 f"\"caption\", got {line[:80]!r}") from e
+            out[str(key)] = str(value)
+        return out
+    for lineno, row in enumerate(csv.reader(io.StringIO(text)), 1):
+        if not row or (lineno == 1 and [c.strip().lower() for c in row[:2]] == ["path", "caption"]):
+            continue
+        if len(row) < 2:
+            raise ValueError(f"captions file {path}:{lineno}: expected `path,caption`, got {row!r}")
+        out[row[0].strip()] = ",".join(row[1:])
+    return out
+
+
+def _with_captions(items: list[SourceImage], captions: dict[str, str]) -> list[SourceImage]:
+    """Attach captions looked up by relative path, file name, or name without extension."""
+    out = []
+    for it in items:
+        name = it.rel.rsplit("/", 1)[-1]
+        keys = (it.rel, name, it.rel.rsplit(".", 1)[0], name.rsplit(".", 1)[0])
+        out.append(replace(it, caption=next((captions[k] for k in keys if k in captions), None)))
+    return out
+
+
 def _label_indices(values: list[str]) -> tuple[dict[str, int], list[str]]:
     """Label strings -> indices. All-integer labels are used as given; names are indexed in sorted order."""
     try:
@@ -312,13 +360,21 @@ def _encode_sample(item: SourceImage, key: str, resize: Optional[int]) -> dict:
         img.resize((w, h), Image.BICUBIC, reducing_gap=3.0).save(buf, format=fmt, **opts)
         data = buf.getvalue()
     meta = {"source": item.rel, "width": w, "height": h}
-    return {"__key__": key, ext: data, "cls": str(item.label), "json": json.dumps(meta, sort_keys=True)}
+    sample = {"__key__": key, ext: data, "cls": str(item.label), "json": json.dumps(meta, sort_keys=True)}
+    if item.caption is not None:
+        sample[CAPTION_EXT] = item.caption.encode("utf-8")
+    else:
+        beside = item.path.rsplit(".", 1)[0] + ".txt"
+        if os.path.isfile(beside):
+            with open(beside, "rb") as f:  # stored as read: verify reports bytes that are not UTF-8
+                sample[CAPTION_EXT] = f.read().strip()
+    return sample
 
 
 def _write_shard_job(job: tuple[str, list[tuple[str, SourceImage]], Optional[int]]) -> dict:
     """Write one whole shard (runs in a pool worker). Unreadable source images are left out and reported."""
     path, members, resize = job
-    skipped, labels = [], Counter()
+    skipped, labels, captioned = [], Counter(), [0]
 
     def samples():
         for key, item in members:
@@ -328,28 +384,32 @@ def _write_shard_job(job: tuple[str, list[tuple[str, SourceImage]], Optional[int
                 skipped.append({"source": item.rel, "reason": f"{type(e).__name__}: {e}"})
                 continue
             labels[item.label] += 1
+            captioned[0] += CAPTION_EXT in sample
             yield sample
 
     count, nbytes = write_tar(path, samples())
     return {"name": os.path.basename(path), "count": count, "bytes": nbytes,
-            "labels": dict(labels), "skipped": skipped}
+            "labels": dict(labels), "skipped": skipped, "captioned": captioned[0]}
 
 
 def write_shards(src: str, out: str, *, max_count: int = 1000, max_size: int = DEFAULT_MAX_SIZE,
                  resize: Optional[int] = None, labels_file: Optional[str] = None, workers: int = 1,
-                 seed: Optional[int] = 0) -> dict:
+                 seed: Optional[int] = 0, captions_file: Optional[str] = None) -> dict:
     """Write the images of `src` as webdataset shards into `out`; returns the manifest.
 
     The sample order is the sorted file list shuffled with `seed` (None keeps sorted order): sorted
     ImageNet would put one class per shard, and a shuffle buffer cannot mix that back. Keys are the
     positions in that order. `workers` processes each write whole shards; the output is the same
-    for any worker count.
+    for any worker count. Captions come from `captions_file` (see `read_captions`), else from
+    NAME.txt beside each image; the manifest counts the samples with and without one.
     """
     if os.path.isdir(out) and any(n.endswith(".tar") or n == MANIFEST for n in os.listdir(out)):
         raise ValueError(f"{out} already holds shards or a manifest; write into an empty folder")
     if resize is not None and resize < 1:
         raise ValueError(f"resize must be a positive side length, got {resize}")
     items, class_names = list_source(src, labels_file)
+    if captions_file:
+        items = _with_captions(items, read_captions(captions_file))
     order = list(range(len(items)))
     if seed is not None:
         random.Random(seed).shuffle(order)
@@ -365,8 +425,9 @@ def write_shards(src: str, out: str, *, max_count: int = 1000, max_size: int = D
             results.append(result)
             bar.update(len(job[1]))
 
-    shards, skipped, labels = [], [], Counter()
+    shards, skipped, labels, captioned = [], [], Counter(), 0
     for r in results:
+        captioned += r["captioned"]
         skipped += r["skipped"]
         labels.update(r["labels"])
         if r["count"]:
@@ -376,8 +437,10 @@ def write_shards(src: str, out: str, *, max_count: int = 1000, max_size: int = D
     if not shards:
         raise ValueError(f"none of the {len(items)} images in {src} could be read; first error: {skipped[0]}")
     class_counts = [labels.get(i, 0) for i in range(len(class_names))]
+    total = sum(s["count"] for s in shards)
     return write_manifest(out, shards, class_names, class_counts, source=os.path.abspath(src), resize=resize,
-                          skipped=skipped, unlabeled=labels.get(-1, 0))
+                          skipped=skipped, unlabeled=labels.get(-1, 0),
+                          captions={"present": captioned, "missing": total - captioned} if captioned else None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -390,14 +453,25 @@ class VerifyReport:
     samples: int = 0
     bad_samples: list[tuple[str, str, str]] = field(default_factory=list)  # (shard, key, reason)
     shard_errors: list[tuple[str, str]] = field(default_factory=list)  # (shard, reason)
+    # captions (`txt`): present, missing (in a folder where some samples have one), empty, undecodable
+    captions: dict = field(default_factory=lambda: {"present": 0, "missing": 0, "empty": 0, "undecodable": 0})
+
+    @property
+    def caption_problems(self) -> int:
+        c = self.captions
+        return (c["missing"] if c["present"] else 0) + c["empty"] + c["undecodable"]
 
     @property
     def ok(self) -> bool:
-        return not self.bad_samples and not self.shard_errors
+        return not self.bad_samples and not self.shard_errors and not self.caption_problems
 
     def summary(self, limit: int = 20) -> str:
         lines = [f"{self.shards} shards, {self.samples} samples, {len(self.bad_samples)} unreadable samples, "
                  f"{len(self.shard_errors)} shard errors"]
+        c = self.captions
+        if c["present"] or c["empty"] or c["undecodable"]:
+            lines.append(f"captions: {c['present']} present, {c['missing']} missing, {c['empty']} empty, "
+                         f"{c['undecodable']} not UTF-8")
         lines += [f"  shard error  {s}: {r}" for s, r in self.shard_errors[:limit]]
         lines += [f"  bad sample   {s} {k}: {r}" for s, k, r in self.bad_samples[:limit]]
         hidden = max(0, len(self.shard_errors) - limit) + max(0, len(self.bad_samples) - limit)
@@ -426,8 +500,21 @@ def check_sample(sample: dict) -> None:
         json.loads(sample["json"])
 
 
-def _verify_one(url: str) -> tuple[int, list, list]:
+def caption_status(sample: dict) -> str:
+    """present, missing, empty or undecodable: the sample's caption (`txt`)."""
+    raw = sample.get(CAPTION_EXT)
+    if raw is None:
+        return "missing"
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+    except UnicodeDecodeError:
+        return "undecodable"
+    return "present" if text.strip() else "empty"
+
+
+def _verify_one(url: str) -> tuple[int, list, list, Counter]:
     name = os.path.basename(url)
+    captions: Counter = Counter()
     errors: list[tuple[str, str]] = []
 
     def handler(exn: Exception) -> bool:
@@ -437,11 +524,12 @@ def _verify_one(url: str) -> tuple[int, list, list]:
     count, bad = 0, []
     for sample in tar_samples([{"url": url}], handler):
         count += 1
+        captions[caption_status(sample)] += 1
         try:
             check_sample(sample)
         except Exception as e:  # every decoder failure is a finding to report, not a crash
             bad.append((name, sample["__key__"], f"{type(e).__name__}: {e}"))
-    return count, bad, errors
+    return count, bad, errors, captions
 
 
 def verify_shards(out: str, *, workers: int = 1) -> VerifyReport:
@@ -469,8 +557,10 @@ def verify_shards(out: str, *, workers: int = 1) -> VerifyReport:
             report.shard_errors.append((os.path.basename(u), "listed but missing"))
     with progress(_imap(_verify_one, present, workers), total=len(present), desc="verify", unit="shards") as bar:
         results = list(bar)
-    for url, (count, bad, errors) in zip(present, results):
+    for url, (count, bad, errors, captions) in zip(present, results):
         name = os.path.basename(url)
+        for k, v in captions.items():
+            report.captions[k] += v
         report.shards += 1
         report.samples += count
         report.bad_samples += bad

@@ -1,9 +1,11 @@
-"""The built-in default dataset: a dozen classes of shapes, textures and colour patterns.
+"""The built-in default dataset: a dozen classes of shapes, textures and colour patterns, with captions.
 
 Deterministic (seeded numpy), generated on first use and written as PNG shards with a manifest
 into a cache folder, so training and tests need no download. Each class has one visual idea
-(a disk, stripes, rings, ...) with random position, scale, phase and colours, so a tiny
-class-conditional transformer's samples can be checked by eye against `examples.png`.
+(a disk, stripes, rings, ...) with random position, scale and phase, drawn in two colours of a
+named palette, so a tiny transformer's samples can be checked by eye against `examples.png`.
+Every image has a caption made from its own parameters, "a red circle on a blue background"
+(stored as `txt` in the shards; issue 23), for text-conditioned models.
 
 Two splits (`data.split`): `train` and `heldout`, the same classes drawn from other seeds, for
 measuring reconstructions and samples on images no model trained on.
@@ -24,7 +26,7 @@ from PIL import Image
 from .images import save_grid
 from .shards import MANIFEST, SHARD_NAME, write_manifest, write_tar
 
-VERSION = "v1"
+VERSION = "v2"  # v2: colours from the named palette, captions
 SEED = 0
 SPLIT_SEEDS = {"train": SEED, "heldout": 1}
 
@@ -150,37 +152,119 @@ CLASSES: tuple[tuple[str, _Renderer], ...] = (
 CLASS_NAMES = tuple(name for name, _ in CLASSES)
 
 
-def _colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Foreground and background colours at least 0.6 apart (RGB in [0, 1]) so the pattern stays visible."""
-    bg = rng.uniform(0.0, 1.0, 3)
+# A named palette (issue 25: colours from the whole RGB cube cost a small codebook its codes, and
+# cannot be named in a caption). Any two differ by at least 0.5 in RGB, so both stay visible.
+PALETTE: tuple[tuple[str, tuple[float, float, float]], ...] = (
+    ("red", (0.85, 0.1, 0.1)),
+    ("orange", (1.0, 0.55, 0.0)),
+    ("yellow", (1.0, 0.9, 0.1)),
+    ("green", (0.1, 0.65, 0.2)),
+    ("cyan", (0.1, 0.85, 0.9)),
+    ("blue", (0.1, 0.25, 0.85)),
+    ("purple", (0.5, 0.15, 0.65)),
+    ("pink", (1.0, 0.55, 0.75)),
+    ("white", (0.97, 0.97, 0.97)),
+    ("black", (0.05, 0.05, 0.05)),
+)
+COLOUR_NAMES = tuple(name for name, _ in PALETTE)
+_RGB = np.array([rgb for _, rgb in PALETTE], dtype=np.float32)
+MIN_COLOUR_DISTANCE = 0.5
+
+# The caption of each class, from its foreground and background colour names.
+PHRASES = {
+    "circle": "a {fg} circle", "square": "a {fg} square", "triangle": "a {fg} triangle",
+    "horizontal_stripes": "{fg} horizontal stripes", "vertical_stripes": "{fg} vertical stripes",
+    "checkerboard": "a {fg} checkerboard", "diagonal_gradient": "a {fg} diagonal gradient",
+    "concentric_rings": "{fg} concentric rings", "dots": "{fg} dots", "cross": "a {fg} cross",
+    "noise_blobs": "{fg} blobs", "framed_solid": "a {fg} frame",
+}
+
+
+def colour_pair(seed: int, i: int) -> tuple[int, int]:
+    """Palette indices (foreground, background) of image i: their own stream, so the captions need
+    no rendering."""
+    rng = np.random.default_rng([seed, 3, i])
     while True:
-        fg = rng.uniform(0.0, 1.0, 3)
-        if np.linalg.norm(fg - bg) > 0.6:
-            return fg.astype(np.float32), bg.astype(np.float32)
+        fg, bg = rng.integers(0, len(PALETTE), 2)
+        if np.linalg.norm(_RGB[fg] - _RGB[bg]) >= MIN_COLOUR_DISTANCE:
+            return int(fg), int(bg)
 
 
-def render(label: int, size: int, rng: np.random.Generator) -> np.ndarray:
-    """One image of class `label` as uint8 (size, size, 3)."""
+def caption(label: int, fg: int, bg: int) -> str:
+    """"a red circle on a blue background" for class `label` in palette colours fg on bg."""
+    return PHRASES[CLASS_NAMES[label]].format(fg=COLOUR_NAMES[fg]) + f" on a {COLOUR_NAMES[bg]} background"
+
+
+def render(label: int, size: int, rng: np.random.Generator, colours: tuple[int, int]) -> np.ndarray:
+    """One image of class `label` in palette colours (fg, bg) as uint8 (size, size, 3)."""
     c = (np.arange(size, dtype=np.float32) + 0.5) / size
     u, v = np.meshgrid(c, c)  # u: x (column), v: y (row)
     alpha = CLASSES[label][1](u, v, rng, size).astype(np.float32)[..., None]
-    fg, bg = _colours(rng)
+    fg, bg = _RGB[colours[0]], _RGB[colours[1]]
     img = alpha * fg + (1 - alpha) * bg
     return (img * 255 + 0.5).astype(np.uint8)
 
 
-def generate(n: int, size: int, classes: int, seed: int = SEED) -> tuple[np.ndarray, np.ndarray]:
-    """`n` images (n, size, size, 3) uint8 and their labels (n,), classes balanced and shuffled.
-    Image i depends only on (seed, i), so any prefix or subset is reproducible on its own."""
+def _check(n: int, size: int, classes: int) -> None:
     if not 1 <= classes <= len(CLASSES):
         raise ValueError(f"data.synthetic_classes {classes} must be between 1 and {len(CLASSES)}")
     if not 16 <= size <= 256:
         raise ValueError(f"synthetic images are drawn at 16 to 256 px, data.size is {size}")
     if n < 1:
         raise ValueError(f"data.synthetic_samples must be >= 1, got {n}")
-    labels = np.random.default_rng([seed, 1]).permutation(np.arange(n) % classes)
-    images = np.stack([render(int(labels[i]), size, np.random.default_rng([seed, 2, i])) for i in range(n)])
-    return images, labels.astype(np.int64)
+
+
+def _labels(n: int, classes: int, seed: int) -> np.ndarray:
+    return np.random.default_rng([seed, 1]).permutation(np.arange(n) % classes).astype(np.int64)
+
+
+def generate(n: int, size: int, classes: int, seed: int = SEED) -> tuple[np.ndarray, np.ndarray]:
+    """`n` images (n, size, size, 3) uint8 and their labels (n,), classes balanced and shuffled.
+    Image i depends only on (seed, i), so any prefix or subset is reproducible on its own."""
+    _check(n, size, classes)
+    labels = _labels(n, classes, seed)
+    images = np.stack([render(int(labels[i]), size, np.random.default_rng([seed, 2, i]), colour_pair(seed, i))
+                       for i in range(n)])
+    return images, labels
+
+
+def captions(n: int, classes: int, seed: int = SEED) -> list[str]:
+    """The captions of `generate(n, size, classes, seed)`'s images (any size), without rendering them."""
+    _check(n, 16, classes)
+    labels = _labels(n, classes, seed)
+    return [caption(int(labels[i]), *colour_pair(seed, i)) for i in range(n)]
+
+
+def parse_caption(text: str) -> Optional[tuple[int, int, int]]:
+    """(class, foreground, background) indices of a caption of this dataset's form, or None."""
+    for label, name in enumerate(CLASS_NAMES):
+        for fg, colour in enumerate(COLOUR_NAMES):
+            head = PHRASES[name].format(fg=colour) + " on a "
+            if text.startswith(head) and text.endswith(" background"):
+                bg = text[len(head):-len(" background")]
+                if bg in COLOUR_NAMES:
+                    return label, fg, COLOUR_NAMES.index(bg)
+    return None
+
+
+def pixel_colours(image: np.ndarray) -> tuple[int, int]:
+    """The two palette colours an image (H, W, 3) uint8 is drawn in, from its pixels alone: the
+    pair whose mixes (the segment between them in RGB) lie nearest to the pixels, among the pairs
+    that each hold at least 2% of the pixels at their own end (anti-aliased edges and gradients are
+    such mixes). Ordered by pixel count, most first."""
+    px = image.reshape(-1, 3).astype(np.float32) / 255.0
+    best, best_err = None, np.inf
+    for a in range(len(PALETTE)):
+        for b in range(a + 1, len(PALETTE)):
+            d = _RGB[b] - _RGB[a]
+            t = np.clip((px - _RGB[a]) @ d / float(d @ d), 0.0, 1.0)  # position along the segment
+            err = float(np.linalg.norm(px - (_RGB[a] + t[:, None] * d), axis=1).mean())
+            if err < best_err and (t < 0.25).mean() >= 0.02 and (t > 0.75).mean() >= 0.02:
+                best, best_err, share_a = (a, b), err, float((t < 0.5).mean())
+    if best is None:  # one colour only: the nearest palette colour twice
+        c = int(np.linalg.norm(px.mean(0) - _RGB, axis=1).argmin())
+        return c, c
+    return best if share_a >= 0.5 else (best[1], best[0])
 
 
 def _shard_count(n: int) -> int:
@@ -193,7 +277,7 @@ def cache_root() -> str:
     return os.environ.get("TAMING_DIST_CACHE") or os.path.join(os.getcwd(), ".cache", "taming_dist")
 
 
-def _write(folder: str, images: np.ndarray, labels: np.ndarray, classes: int, seed: int) -> None:
+def _write(folder: str, images: np.ndarray, labels: np.ndarray, texts: list[str], classes: int, seed: int) -> None:
     n = len(images)
     nshards = _shard_count(n)
     bounds = np.linspace(0, n, nshards + 1).astype(int)
@@ -205,7 +289,7 @@ def _write(folder: str, images: np.ndarray, labels: np.ndarray, classes: int, se
                 Image.fromarray(images[i]).save(buf, format="PNG", compress_level=1)
                 meta = {"source": f"synthetic/{CLASS_NAMES[labels[i]]}/{i}", "width": images.shape[2],
                         "height": images.shape[1]}
-                yield {"__key__": f"{i:08d}", "png": buf.getvalue(), "cls": str(int(labels[i])),
+                yield {"__key__": f"{i:08d}", "png": buf.getvalue(), "cls": str(int(labels[i])), "txt": texts[i],
                        "json": json.dumps(meta, sort_keys=True)}
 
         name = SHARD_NAME.format(s)
@@ -217,7 +301,8 @@ def _write(folder: str, images: np.ndarray, labels: np.ndarray, classes: int, se
     grid_t = torch.from_numpy(np.stack(grid)).permute(0, 3, 1, 2).float().div(127.5).sub(1)
     save_grid(grid_t, os.path.join(folder, "examples.png"), nrow=per_row)
     write_manifest(folder, shards, list(CLASS_NAMES[:classes]), np.bincount(labels, minlength=classes).tolist(),
-                   source=f"synthetic-{VERSION}", seed=seed, image_size=int(images.shape[1]))
+                   source=f"synthetic-{VERSION}", seed=seed, image_size=int(images.shape[1]), captions=n,
+                   palette=list(COLOUR_NAMES))
 
 
 def ensure_synthetic(cfg, cache_dir: Optional[str] = None) -> str:
@@ -239,11 +324,12 @@ def ensure_synthetic(cfg, cache_dir: Optional[str] = None) -> str:
     if os.path.exists(os.path.join(folder, MANIFEST)):
         return folder
     images, labels = generate(n, size, classes, seed=SPLIT_SEEDS[split])
+    texts = captions(n, classes, seed=SPLIT_SEEDS[split])
     os.makedirs(root, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".tmp-synthetic-{os.getpid()}-", dir=root)
     try:
         os.chmod(tmp, 0o755)  # mkdtemp creates 0700; the cache may be shared
-        _write(tmp, images, labels, classes, SPLIT_SEEDS[split])
+        _write(tmp, images, labels, texts, classes, SPLIT_SEEDS[split])
         try:
             os.rename(tmp, folder)
         except OSError:

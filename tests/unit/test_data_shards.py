@@ -190,3 +190,48 @@ def test_verify_without_manifest_reports(tmp_path):
     (tmp_path / "empty").mkdir()
     report = verify_shards(str(tmp_path / "empty"))
     assert not report.ok and "manifest" in report.shard_errors[0][1]
+
+
+def _flat(folder, n):
+    folder.mkdir(parents=True)
+    for i in range(n):
+        _image(folder / f"img{i}.png", 16, 16, seed=i)
+
+
+def test_captions_beside_images_or_from_a_file_and_their_verification(tmp_path, capsys):
+    """Issue 23: captions from NAME.txt beside each image or a JSONL/CSV file, stored as `txt`;
+    `--verify` counts missing, empty and undecodable ones."""
+    from taming_dist.cli import main
+
+    src = tmp_path / "src"
+    _flat(src, 5)
+    for i in range(4):
+        (src / f"img{i}.txt").write_text(f"a red circle number {i}\n")
+    m = write_shards(str(src), str(tmp_path / "beside"), max_count=2)
+    assert m["captions"] == {"present": 4, "missing": 1}
+    got = {json.loads(s["json"])["source"]: s.get("txt") for s in _read(tmp_path / "beside")}
+    assert got["img2.png"] == b"a red circle number 2" and got["img4.png"] is None
+    report = verify_shards(str(tmp_path / "beside"))
+    assert report.captions == {"present": 4, "missing": 1, "empty": 0, "undecodable": 0} and not report.ok
+    assert "captions: 4 present, 1 missing, 0 empty, 0 not UTF-8" in report.summary()
+
+    (src / "img0.txt").write_bytes(b"\xff\xfe bad")
+    (src / "img1.txt").write_text("   ")
+    write_shards(str(src), str(tmp_path / "bad"), max_count=2)
+    report = verify_shards(str(tmp_path / "bad"))
+    assert report.captions == {"present": 2, "missing": 1, "empty": 1, "undecodable": 1}
+    assert main(["shard", "--verify", str(tmp_path / "bad")]) == 1
+
+    jsonl = tmp_path / "captions.jsonl"
+    jsonl.write_text("".join(json.dumps({"path": f"img{i}.png", "caption": f"jsonl {i}"}) + "\n" for i in range(5)))
+    csv_file = tmp_path / "captions.csv"
+    csv_file.write_text("path,caption\n" + "".join(f"img{i}.png,\"csv, {i}\"\n" for i in range(5)))
+    for name, f, first in (("j", jsonl, b"jsonl 0"), ("c", csv_file, b"csv, 0")):
+        assert main(["shard", str(src), str(tmp_path / name), "--captions", str(f)]) == 0
+        got = {json.loads(s["json"])["source"]: s["txt"] for s in _read(tmp_path / name)}
+        assert len(got) == 5 and got["img0.png"] == first
+        assert verify_shards(str(tmp_path / name)).ok
+    _flat(tmp_path / "plain", 2)
+    (tmp_path / "none.jsonl").write_text(json.dumps({"path": "other.png", "caption": "x"}) + "\n")
+    assert main(["shard", str(tmp_path / "plain"), str(tmp_path / "n"), "--captions", str(tmp_path / "none.jsonl")]) == 2
+    assert "no image of" in capsys.readouterr().err

@@ -40,7 +40,7 @@ def test_classes_are_distinguishable():
 def test_ensure_synthetic_writes_shards_once(tmp_path):
     cfg = DataConfig(size=32, synthetic_samples=240, synthetic_classes=12)
     folder = ensure_synthetic(cfg, cache_dir=str(tmp_path))
-    assert os.path.basename(folder) == "synthetic-32-240-12-v1"
+    assert os.path.basename(folder) == "synthetic-32-240-12-v2"
     m = read_manifest(folder)
     assert m["total"] == 240 and m["class_names"] == list(CLASS_NAMES) and m["class_counts"] == [20] * 12
     assert verify_shards(folder).ok
@@ -70,7 +70,7 @@ def test_concurrent_first_use(tmp_path):
         folders = pool.map(_call, [str(tmp_path)] * 3)
     assert len(set(folders)) == 1
     assert read_manifest(folders[0])["total"] == 600
-    assert sorted(os.listdir(tmp_path)) == ["synthetic-16-600-12-v1"]
+    assert sorted(os.listdir(tmp_path)) == ["synthetic-16-600-12-v2"]
 
 
 def test_losing_the_race_uses_the_winners_folder(tmp_path, monkeypatch):
@@ -89,4 +89,29 @@ def test_losing_the_race_uses_the_winners_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(syn, "_write", write_while_another_process_finishes_first)
     folder = syn.ensure_synthetic(cfg, cache_dir=str(tmp_path))
     assert os.path.exists(os.path.join(folder, "winner"))
-    assert os.listdir(tmp_path) == ["synthetic-16-24-4-v1"]
+    assert os.listdir(tmp_path) == ["synthetic-16-24-4-v2"]
+
+
+def test_captions_name_the_class_and_the_palette_colours_of_every_image(tmp_path):
+    """Issue 23: each image has a caption made from its own parameters, on both splits; the
+    colours it names are the ones its pixels show."""
+    from taming_dist.data.shards import tar_samples
+    from taming_dist.data.synthetic import PALETTE, captions, parse_caption, pixel_colours
+
+    for seed in (0, 1):
+        x, y = generate(48, 32, 12, seed=seed)
+        texts = captions(48, 12, seed=seed)
+        assert len(set(texts)) > 30  # captions vary with the image
+        for image, label, text in zip(x, y, texts):
+            parsed = parse_caption(text)
+            assert parsed is not None and parsed[0] == label, text
+            assert parsed[1] != parsed[2] and set(parsed[1:]) == set(pixel_colours(image)), text
+    assert captions(12, 12, seed=0) != captions(12, 12, seed=1)
+    assert parse_caption("a red circle on a red-ish background") is None
+    assert len(PALETTE) == 10
+    folder = ensure_synthetic(DataConfig(size=16, synthetic_samples=24, synthetic_classes=12, split="heldout"),
+                              cache_dir=str(tmp_path))
+    names = [s["name"] for s in read_manifest(folder)["shards"]]
+    texts = {s["__key__"]: s["txt"].decode() for s in tar_samples([{"url": os.path.join(folder, n)} for n in names],
+                                                                   lambda e: False)}
+    assert [texts[k] for k in sorted(texts)] == captions(24, 12, seed=1)

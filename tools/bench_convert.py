@@ -70,6 +70,7 @@ def make_checkpoint(folder: Path, cfg, ema: bool) -> tuple[Path, int]:
     import torch.nn.functional as F
 
     from taming_dist.checkpoint.manager import CheckpointManager
+    from taming_dist.checkpoint.state import TrainState, training_state
     from taming_dist.config import EngineConfig, OptimConfig
     from taming_dist.engines import DistEnv, build_engine, lr_lambda_for
     from taming_dist.models.gpt import GPT
@@ -84,7 +85,8 @@ def make_checkpoint(folder: Path, cfg, ema: bool) -> tuple[Path, int]:
     logits = unit.module(idx[:, :-1])
     engine.backward(unit, F.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten()))
     engine.step(unit)  # allocates Adam's exp_avg / exp_avg_sq for every parameter
-    path = CheckpointManager(folder / "checkpoints", engine).save(1, {"transformer": unit}, {}, {})
+    state = training_state(engine, {"transformer": unit}, TrainState(step=1))
+    path = CheckpointManager(folder / "checkpoints", engine).save(1, state)
     return path, n_params
 
 

@@ -64,7 +64,8 @@ def _strip(state: dict, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def _consolidate_v2(ckpt: Path, manifest: dict, ema: bool) -> dict[str, dict]:
+def _consolidate_dcp(ckpt: Path, manifest: dict, ema: bool) -> dict[str, dict]:
+    """Format versions 2 and 3 (the same unit keys for weights and EMA)."""
     result: dict[str, dict] = {}
     for name in manifest["units"]:
         if manifest["engine"] == "deepspeed":
@@ -122,7 +123,7 @@ def consolidate(path: str | Path, *, ema: bool = False, dtype: torch.dtype | Non
     parameters they track (when the run kept an EMA)."""
     ckpt = resolve_checkpoint(path)
     if (ckpt / "manifest.json").exists():
-        result = _consolidate_v2(ckpt, read_manifest(ckpt), ema)
+        result = _consolidate_dcp(ckpt, read_manifest(ckpt), ema)
     else:
         result = _consolidate_v1(ckpt, ema)
     if dtype is not None:

@@ -1,138 +1,101 @@
 """Atomic training checkpoints: one DCP save of Stateful parts, a manifest, a `latest` pointer.
 
-Layout of one checkpoint (`checkpoints/step_000500/`), format version 2:
-  state/          one torch.distributed.checkpoint save of {unit name: UnitState, "run": RunState}:
-                  each unit's model, optimizer, LR schedule, loss scaler and EMA (torchtitan's
-                  pattern), and the run's step, counters and each rank's RNG and data position
+Layout of one checkpoint (`checkpoints/step_000500/`), format version 3:
+  state/          one torch.distributed.checkpoint save of the dict of Stateful parts that
+                  `checkpoint.state.training_state` builds: each unit (model, optimizer, LR schedule,
+                  loss scaler, EMA), the train state (step, counters), each rank's RNG and data
+                  position; tensors and plain values only, each under a key DCP lists
   deepspeed/      DeepSpeed only: its native model + optimizer files, one tag per unit (the
                   DCP state then holds the rest of each unit)
   manifest.json   format version, step, engine, ZeRO stage, world size, units; written last
-It is written as `step_000500.tmp/` and renamed when every rank has finished; `latest` (a text
-file naming the folder) is replaced last, so a crash or kill -9 at any point leaves the previous
-checkpoint as `latest`. Whether a checkpoint can be resumed here is the engine's call
-(`Engine.check_resumable`).
+It is written as `step_000500.tmp/` and published (fsync, rename, fsync of the folder:
+`taming_dist.atomic.publish`) when every rank has finished; `latest` (a text file naming the folder)
+is replaced last, so a crash or kill -9 at any point leaves the previous checkpoint as `latest`.
+Whether a checkpoint can be resumed here is the engine's call (`Engine.check_resumable`).
+
+With `async_save` (train.async_checkpoint) the DCP state is staged to host memory on the training
+thread and written by DCP's background thread (`dcp.async_save`, over a gloo process group of its
+own so its collectives never interleave with training's); the manifest, the rename and `latest`
+follow on rank 0 once DCP's write finished on every rank (DCP's coordinator collects every rank's
+write results before it completes). The next save, and `close`, wait for the previous one.
+
+Version 2 (the run state as torch.save'd bytes: `run.counters`, `run.rank<R>`, `<unit>.schedule`)
+is still resumed (`_load_v2`); version 1 is refused with the way to keep its weights.
 """
 from __future__ import annotations
 
 import io
 import json
-import warnings
-from contextlib import contextmanager
-import os
-import re
 import random
 import shutil
+import time
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from taming_dist.atomic import publish, write_atomic
+from taming_dist.checkpoint.state import PerRank, TrainState, UnitState, rank_key
 from taming_dist.engines.base import Engine, Unit
 
 FORMAT = "taming_dist-checkpoint"
-VERSION = 2
-
-
-def rng_state() -> dict:
-    np_state = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, keys.numpy(), *rest))
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def _to_bytes(obj) -> bytes:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
-
-
-def _from_bytes(blob: bytes):
-    return torch.load(io.BytesIO(blob), weights_only=True)
-
-
-def rank_key(rank: int) -> str:
-    return f"rank{rank:05d}"
-
-
-class UnitState:
-    """Stateful (torch.distributed.checkpoint.stateful) view of one unit: the engine decides what
-    it holds (DTensor shards, full tensors, ZeRO-3 EMA partitions)."""
-
-    def __init__(self, engine: Engine, unit: Unit):
-        self.engine, self.unit = engine, unit
-
-    def state_dict(self) -> dict:
-        return self.engine.unit_state_dict(self.unit)
-
-    def load_state_dict(self, state: dict) -> None:
-        self.engine.load_unit_state_dict(self.unit, state)
-
-
-class RunState:
-    """Stateful run state: step and counters (the same on every rank) and this rank's RNG and data
-    position under a key of its own, so DCP keeps every rank's copy. Loaded at another world size,
-    it reads rank 0's data position and leaves the RNG as it is (the streams cannot map 1:1)."""
-
-    def __init__(self, rank: int, read_rank: int | None = None):
-        self.rank, self.read_rank = rank, rank if read_rank is None else read_rank
-        self.step, self.counters, self.rank_state = 0, b"", b""
-
-    def state_dict(self) -> dict:
-        return {"step": self.step, "counters": self.counters, rank_key(self.read_rank): self.rank_state}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step, self.counters = state["step"], state["counters"]
-        self.rank_state = state[rank_key(self.read_rank)]
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+VERSION = 3
+READS = (2, 3)  # format versions this code resumes
+_SINGLE_PROCESS_WARNING = r".*assuming the intent is to (save|load) in a single process"
 
 
 def read_manifest(path: Path) -> dict:
-    """The manifest of a checkpoint folder; a clear error for folders of the older format."""
+    """The manifest of a checkpoint folder; a clear error for folders of a format not read here."""
     path = Path(path)
     manifest = path / "manifest.json"
     if not manifest.exists():
         if (path / "meta.pt").exists():
             raise ValueError(
                 f"{path} is a taming_dist checkpoint of format version 1 (meta.pt + rank_*.pt files), written "
-                f"before checkpoint format version {VERSION}; it cannot be resumed by this version. Its weights "
+                f"before checkpoint format version 2; this version reads versions {READS} only. Its weights "
                 f"are still readable: `taming-dist convert {path} OUT.safetensors`, then start a run from them "
                 "with `init_from=OUT.safetensors`"
             )
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no manifest.json)")
     meta = json.loads(manifest.read_text())
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+    if meta.get("format") != FORMAT or meta.get("version") not in READS:
         raise ValueError(f"{manifest}: format {meta.get('format')!r} version {meta.get('version')!r}; this "
-                         f"version of taming_dist reads {FORMAT!r} version {VERSION}")
+                         f"version of taming_dist reads {FORMAT!r} versions {', '.join(map(str, READS))}")
     return meta
 
 
+def _units(state: dict) -> dict[str, Unit]:
+    return {name: s.unit for name, s in state.items() if isinstance(s, UnitState)}
+
+
 class CheckpointManager:
-    def __init__(self, folder: Path, engine: Engine, keep_last: int = 3):
+    def __init__(self, folder: Path, engine: Engine, keep_last: int = 3, async_save: bool = False):
         self.folder = Path(folder)
         self.engine = engine
         self.keep_last = keep_last
+        self.async_save = async_save
+        self._pending: Future | None = None
+        self._group = None
+        self.last_write_s = 0.0  # seconds from the last save's call until it was complete on this rank
+        if async_save:
+            if engine.kind == "deepspeed":
+                raise ValueError("train.async_checkpoint=true is not supported with engine.kind=deepspeed (its model "
+                                 "and optimizer are written by DeepSpeed's own synchronous save_checkpoint); set "
+                                 "train.async_checkpoint=false")
+            if engine.env.is_distributed:
+                import torch.distributed as dist
+
+                # Collective on every rank, once: DCP's background collectives get a group of their own.
+                self._group = dist.new_group(backend="gloo")
+            self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-finish")
+            if not engine.env.is_distributed:
+                # DCP's background thread saves with no_dist=True and says so (UserWarning) outside
+                # any `with` of ours; only that message, as single_process_dcp_quiet does in the
+                # synchronous path.
+                warnings.filterwarnings("ignore", category=UserWarning, message=_SINGLE_PROCESS_WARNING)
 
     def latest(self) -> Path | None:
         pointer = self.folder / "latest"
@@ -143,12 +106,16 @@ class CheckpointManager:
             raise ValueError(f"{pointer} names {path}, which is not a complete checkpoint (no manifest.json)")
         return path
 
-    def save(self, step: int, units: dict[str, Unit], counters: dict, rank_state: dict) -> Path:
-        """`counters`: small values shared by all ranks (e.g. skipped steps); `rank_state`: this
-        rank's own (e.g. its data position); RNG states are added here."""
+    def save(self, step: int, state: dict) -> Path:
+        """Save `state` (checkpoint.state.training_state) as checkpoint `step`. Synchronous: returns
+        when the checkpoint is complete and `latest` names it. Asynchronous: returns once the state
+        is staged in host memory; `wait` (or the next save) returns when it is complete."""
         import torch.distributed.checkpoint as dcp
 
+        self.wait()
+        t0 = time.perf_counter()
         eng = self.engine
+        units = _units(state)
         final = self.folder / f"step_{step:06d}"
         tmp = self.folder / f"step_{step:06d}.tmp"
         if eng.is_main:
@@ -158,64 +125,121 @@ class CheckpointManager:
             tmp.mkdir()
         eng.barrier()
         eng.save_native(str(tmp), units)
-        run = RunState(eng.env.rank)
-        run.step, run.counters = step, _to_bytes(counters)
-        run.rank_state = _to_bytes({"rng": rng_state(), **rank_state})
-        state = {name: UnitState(eng, u) for name, u in units.items()}
-        state["run"] = run
+        manifest = {"format": FORMAT, "version": VERSION, "step": step, "engine": eng.kind,
+                    "zero_stage": getattr(eng.cfg, "zero_stage", None) if eng.kind == "deepspeed" else None,
+                    "world_size": eng.world_size, "units": list(units)}
+        if self.async_save:
+            with single_process_dcp_quiet():
+                written = dcp.async_save(state, checkpoint_id=str(tmp / "state"), process_group=self._group,
+                                         no_dist=not eng.env.is_distributed)
+            self._pending = self._finisher.submit(self._finish_after, written, tmp, final, manifest, t0)
+            return final
         with single_process_dcp_quiet():
             dcp.save(state, checkpoint_id=str(tmp / "state"))
-        if eng.is_main:
-            manifest = {"format": FORMAT, "version": VERSION, "step": step, "engine": eng.kind,
-                        "zero_stage": getattr(eng.cfg, "zero_stage", None) if eng.kind == "deepspeed" else None,
-                        "world_size": eng.world_size, "units": list(units)}
-            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
         eng.barrier()
         if eng.is_main:
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _write_text_atomic(self.folder / "latest", final.name)
-            self._prune()
+            self._publish(tmp, final, manifest)
         eng.barrier()
+        self.last_write_s = time.perf_counter() - t0
         return final
 
-    def _prune(self) -> None:
-        """Keep the `keep_last` newest checkpoints by step number (names are zero-padded to 6 digits
-        only, so from step 1,000,000 on a sort by name would put the newest first and delete it),
-        and never the one `latest` names."""
-        done = sorted((int(m.group(1)), p) for p in self.folder.glob("step_*")
-                      if p.is_dir() and (m := re.fullmatch(r"step_(\d+)", p.name)))
-        pointer = self.folder / "latest"
-        latest = pointer.read_text().strip() if pointer.exists() else None
-        for _, old in done[: max(0, len(done) - self.keep_last)]:
-            if old.name != latest:
-                shutil.rmtree(old, ignore_errors=True)
+    def _finish_after(self, written: Future, tmp: Path, final: Path, manifest: dict, t0: float) -> None:
+        written.result()  # on rank 0: every rank's part is written, and DCP's .metadata
+        if self.engine.is_main:
+            self._publish(tmp, final, manifest)
+        self.last_write_s = time.perf_counter() - t0
 
-    def load(self, path: Path, units: dict[str, Unit]) -> tuple[int, dict, dict]:
-        """Restore units, and RNG when the world size is unchanged; returns (step, counters, this
-        rank's extra state)."""
+    def _publish(self, tmp: Path, final: Path, manifest: dict) -> None:
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        publish(tmp, final)  # fsyncs the folder's files (the manifest too), renames, fsyncs the parent
+        write_atomic(self.folder / "latest", final.name)
+        self._prune()
+
+    def wait(self) -> None:
+        """Block until the pending asynchronous save (if any) is complete on this rank; re-raises its error."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        """Wait for the pending save on every rank (collective): then the checkpoint is published."""
+        self.wait()
+        self.engine.barrier()
+
+    def _prune(self) -> None:
+        done = sorted(p for p in self.folder.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+        for old in done[: max(0, len(done) - self.keep_last)]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def load(self, path: Path, state: dict) -> dict:
+        """Restore every part of `state` (checkpoint.state.training_state) from checkpoint `path`,
+        at any world size the engine accepts (per-rank parts follow `PerRank.resume_from`).
+        Returns the manifest."""
         import torch.distributed.checkpoint as dcp
 
         path = Path(path)
         manifest = read_manifest(path)
         eng = self.engine
         eng.check_resumable(manifest, str(path))
+        units = _units(state)
         if sorted(manifest["units"]) != sorted(units):
             raise ValueError(f"{path} holds units {manifest['units']} but this run has {list(units)}: "
                              "it is a checkpoint of the other stage")
-        same_world = manifest["world_size"] == eng.world_size
+        for part in state.values():
+            if isinstance(part, PerRank):
+                part.resume_from(manifest["world_size"], eng.world_size)
         eng.load_native(str(path), units)
-        run = RunState(eng.env.rank, read_rank=eng.env.rank if same_world else 0)
-        state = {name: UnitState(eng, u) for name, u in units.items()}
-        state["run"] = run
+        if manifest["version"] == 2:
+            _load_v2(path, state, eng, same_world=manifest["world_size"] == eng.world_size)
+            return manifest
+        wanted = {k: v for k, v in state.items() if not (isinstance(v, PerRank) and v.skipped)}
         with single_process_dcp_quiet():
-            dcp.load(state, checkpoint_id=str(path / "state"))
-        extra = _from_bytes(run.rank_state)
-        rng = extra.pop("rng")
-        if same_world:
-            set_rng_state(rng)
-        return run.step, _from_bytes(run.counters), extra
+            dcp.load(wanted, checkpoint_id=str(path / "state"))
+        return manifest
+
+
+class _V2UnitState(UnitState):
+    """A unit of format 2: the LR schedule and scaler were one torch.save'd bytes item."""
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "schedule": b""}  # DCP replaces the placeholder with the stored bytes
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict({**state, "schedule": _from_bytes(state["schedule"])})
+
+
+def _from_bytes(blob: bytes):
+    return torch.load(io.BytesIO(blob), weights_only=True)
+
+
+def _load_v2(path: Path, state: dict, eng: Engine, same_world: bool) -> None:
+    """Format 2: units as in format 3 but for the schedule; `run` = {step, counters (bytes),
+    rank<R> (bytes of {"rng", "data"})}. Mapped onto the format-3 parts, with the same rules."""
+    import torch.distributed.checkpoint as dcp
+
+    read = eng.env.rank if same_world else 0  # each rank's own blob, or rank 0's (only its data position is used)
+    run = {"step": 0, "counters": b"", rank_key(read): b""}
+    old = {name: _V2UnitState(s.engine, s.unit) for name, s in state.items() if isinstance(s, UnitState)}
+    with single_process_dcp_quiet():
+        dcp.load({**old, "run": run}, checkpoint_id=str(path / "state"))
+    counters, extra = _from_bytes(run["counters"]), _from_bytes(run[rank_key(read)])
+    train = state.get("train")
+    if isinstance(train, TrainState):
+        train.load_state_dict({"step": run["step"], "skipped_total": counters.get("skipped_total", 0)})
+    data, rng = state.get("data"), state.get("rng")
+    if isinstance(data, PerRank) and not data.skipped and "data" in extra:
+        data.inner.load_state_dict(extra["data"])
+    if isinstance(rng, PerRank) and not rng.skipped:
+        _set_v2_rng(extra["rng"])
+
+
+def _set_v2_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), *rest))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 @contextmanager
@@ -224,5 +248,5 @@ def single_process_dcp_quiet():
     torch.distributed, which is what we intend; DCP says so in a UserWarning each time."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=UserWarning,
-                                message=r".*assuming the intent is to (save|load) in a single process")
+                                message=_SINGLE_PROCESS_WARNING)
         yield

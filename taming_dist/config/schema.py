@@ -313,6 +313,10 @@ class EngineConfig:
     # writes get the longer one.
     collective_timeout_s: int = 300
     startup_timeout_s: int = 1800
+    # Before the rendezvous, ranks other than 0 must reach the master (MASTER_ADDR:MASTER_PORT) within
+    # this many seconds, and every rank must resolve its name; else they fail at once with the host,
+    # the port and where they came from, instead of retrying for startup_timeout_s. 0 = no connection test.
+    master_connect_timeout_s: int = 60
 
     def validate(self) -> None:
         if self.kind not in ("single", "ddp", "fsdp", "deepspeed"):
@@ -323,10 +327,6 @@ class EngineConfig:
             raise ValueError(f"engine.precision {self.precision!r} is not one of fp32, bf16, fp16")
         if self.fsdp_shard_size < 0:
             raise ValueError(f"engine.fsdp_shard_size {self.fsdp_shard_size} must be >= 0 (0 = shard over all ranks)")
-    # Before the rendezvous, ranks other than 0 must reach the master (MASTER_ADDR:MASTER_PORT) within
-    # this many seconds, and every rank must resolve its name; else they fail at once with the host,
-    # the port and where they came from, instead of retrying for startup_timeout_s. 0 = no connection test.
-    master_connect_timeout_s: int = 60
         for key in ("offload_optimizer", "offload_params"):
             if getattr(self, key) not in ("none", "cpu"):
                 raise ValueError(f"engine.{key} {getattr(self, key)!r} is not one of none, cpu")
@@ -343,6 +343,9 @@ class EngineConfig:
         for key in ("collective_timeout_s", "startup_timeout_s"):
             if getattr(self, key) < 1:
                 raise ValueError(f"engine.{key} {getattr(self, key)} must be at least 1 second")
+        if self.master_connect_timeout_s < 0:
+            raise ValueError(f"engine.master_connect_timeout_s {self.master_connect_timeout_s} must be >= 0 "
+                             "(0 = no connection test)")
 
 
 @dataclass
@@ -353,9 +356,6 @@ class OptimConfig:
     eps: float = 1e-8  # Adam's epsilon
     weight_decay: float = 0.0
     warmup_steps: int = 0
-        if self.master_connect_timeout_s < 0:
-            raise ValueError(f"engine.master_connect_timeout_s {self.master_connect_timeout_s} must be >= 0 "
-                             "(0 = no connection test)")
     schedule: str = "constant"  # constant | cosine
     min_lr_ratio: float = 0.1
     grad_clip: float = 0.0  # global norm; 0 = off
@@ -375,6 +375,10 @@ class TrainConfig:
     image_every: int = 500
     ckpt_every: int = 500
     keep_last: int = 3
+    # Checkpoints staged to host memory and written by a background thread (DCP's async_save):
+    # training stalls only for the copy. Not with engine.kind=deepspeed (its own files are written
+    # synchronously by save_checkpoint).
+    async_checkpoint: bool = False
     eval_every: int = 0
     ema_decay: float = 0.0  # 0 = no EMA
     max_bad_steps: int = 5  # halt after this many non-finite steps in a row
@@ -431,6 +435,13 @@ class RunConfig:
                 "loss.discriminator.norm=batch or none, or engine.kind=ddp"
             )
         t = self.train
+        if t.async_checkpoint and self.engine.kind == "deepspeed":
+            # DeepSpeed writes its model and optimizer partitions with its own synchronous
+            # save_checkpoint; its asynchronous writers (Nebula, the decoupled/fast checkpoint
+            # engines) are not what DCP's async_save gives the torch engines.
+            raise ValueError("train.async_checkpoint=true is not supported with engine.kind=deepspeed (DeepSpeed "
+                             "writes its checkpoint files synchronously with its own save_checkpoint); set "
+                             "train.async_checkpoint=false, or use engine.kind=fsdp, ddp or single")
         for key in ("global_batch_size", "micro_batch_size", "max_micro_batch_size"):
             if getattr(t, key) is not None and getattr(t, key) < 1:
                 raise ValueError(f"train.{key} {getattr(t, key)} must be at least 1")

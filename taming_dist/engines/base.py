@@ -7,7 +7,6 @@ code touches wrapper internals (DDP.module, DTensor shards, DeepSpeed's ZeRO par
 from __future__ import annotations
 
 import contextlib
-import io
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -311,17 +310,14 @@ class Engine:
         raise NotImplementedError
 
 
-def scheduler_and_scaler_state(unit: Unit) -> bytes:
-    """The unit's LR schedule and loss-scaler state (small Python values) as one bytes object, so
-    DCP stores it as one opaque item; read back with `load_scheduler_and_scaler`."""
-    buf = io.BytesIO()
-    torch.save({"scheduler": unit.scheduler.state_dict(),
-                "scaler": unit.scaler.state_dict() if unit.scaler is not None else None}, buf)
-    return buf.getvalue()
+def schedule_state(unit: Unit) -> dict:
+    """The unit's LR schedule and loss-scaler state: plain values (counters, learning rates, the
+    loss scale), each a key DCP can see. Read back with `load_schedule_state`."""
+    return {"scheduler": unit.scheduler.state_dict(),
+            "scaler": unit.scaler.state_dict() if unit.scaler is not None else None}
 
 
-def load_scheduler_and_scaler(unit: Unit, blob: bytes) -> None:
-    state = torch.load(io.BytesIO(blob), weights_only=True)
+def load_schedule_state(unit: Unit, state: dict) -> None:
     unit.scheduler.load_state_dict(state["scheduler"])
     if unit.scaler is not None and state["scaler"] is not None:
         unit.scaler.load_state_dict(state["scaler"])

@@ -14,7 +14,7 @@ import warnings
 import torch
 
 from taming_dist.engines.base import (
-    Engine, Unit, build_optimizer, load_scheduler_and_scaler, param_groups, scheduler_and_scaler_state,
+    Engine, Unit, build_optimizer, load_schedule_state, param_groups, schedule_state,
 )
 from taming_dist.engines.dist import ensure_process_group
 
@@ -241,14 +241,14 @@ class DeepSpeedEngine(Engine):
 
     # -- checkpoints: DeepSpeed's own files for model + optimizer, the rest in the DCP state ---
     def unit_state_dict(self, unit):
-        state = {"schedule": scheduler_and_scaler_state(unit)}
+        state = {"schedule": schedule_state(unit)}
         if unit.ema:
             # ZeRO-1/2: full EMA tensors, the same on every rank; ZeRO-3: this rank's partitions.
             state[ema_rank_key(self.env.rank) if self._partitioned() else "ema"] = unit.ema
         return state
 
     def load_unit_state_dict(self, unit, state):
-        load_scheduler_and_scaler(unit, state["schedule"])
+        load_schedule_state(unit, state["schedule"])
         ema = state.get(ema_rank_key(self.env.rank) if self._partitioned() else "ema", {})
         for k, v in ema.items():
             if v is not unit.ema[k]:

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from taming_dist.engines.base import (
-    Engine, Unit, build_optimizer, load_scheduler_and_scaler, scheduler_and_scaler_state,
+    Engine, Unit, build_optimizer, load_schedule_state, schedule_state,
 )
 
 TORCH_ENGINES = ("single", "ddp", "fsdp")
@@ -45,7 +45,7 @@ class SingleEngine(Engine):
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_sd, optim_sd = get_state_dict(unit.raw, unit.optimizer)
-        state = {"model": model_sd, "optim": optim_sd, "schedule": scheduler_and_scaler_state(unit)}
+        state = {"model": model_sd, "optim": optim_sd, "schedule": schedule_state(unit)}
         if unit.ema:
             state["ema"] = unit.ema  # DTensors under FSDP2: DCP reshards them like the weights
         return state
@@ -54,7 +54,7 @@ class SingleEngine(Engine):
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
         set_state_dict(unit.raw, unit.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        load_scheduler_and_scaler(unit, state["schedule"])
+        load_schedule_state(unit, state["schedule"])
         for k, v in state.get("ema", {}).items():
             if v is not unit.ema[k]:
                 unit.ema[k].copy_(v)

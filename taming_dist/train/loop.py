@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from taming_dist.checkpoint.manager import CheckpointManager
+from taming_dist.checkpoint.state import TrainState, training_state
 from taming_dist.config import RunConfig, batch_layout, dump_config, to_dict
 from taming_dist.engines import build_engine, env_from_environ, init_distributed
 from taming_dist.engines.dist import long_collectives, set_collective_timeout
@@ -106,14 +107,16 @@ def _train(cfg: RunConfig, resume: str, scope: contextlib.ExitStack) -> dict:
 
     stream = build_stream(cfg.data, batch_size=cfg.train.micro_batch_size, rank=env.rank,
                           world_size=env.world_size, seed=cfg.train.seed)
-    ckpt = CheckpointManager(run_dir / "checkpoints", engine, cfg.train.keep_last)
-    start, bad_in_row, skipped_total = 0, 0, 0
+    ckpt = CheckpointManager(run_dir / "checkpoints", engine, cfg.train.keep_last,
+                             async_save=cfg.train.async_checkpoint)
+    # Everything a checkpoint holds, as Stateful parts; the manager saves and restores them all.
+    progress = TrainState()
+    ckpt_state = training_state(engine, task.units, progress,
+                                data=stream if hasattr(stream, "state_dict") else None)
     path = _resume_path(ckpt, resume)
     if path is not None:
-        start, counters, extra = ckpt.load(path, task.units)
-        skipped_total = counters.get("skipped_total", 0)
-        if "data" in extra:
-            stream.load_state_dict(extra["data"])
+        ckpt.load(path, ckpt_state)
+    start, bad_in_row, skipped_total = progress.step, 0, progress.skipped_total
     if path is None:
         # Different seeds per rank for what follows init (dropout, pkeep); a resumed run instead
         # continues the RNG streams saved in the checkpoint.
@@ -177,14 +180,16 @@ def _train(cfg: RunConfig, resume: str, scope: contextlib.ExitStack) -> dict:
         stop_now = _all_true(engine, stop.set)
         if stop_now or step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:
             with long_collectives(cfg):
-                ckpt.save(step, task.units, {"skipped_total": skipped_total},
-                          {"data": stream.state_dict()} if hasattr(stream, "state_dict") else {})
+                progress.step, progress.skipped_total = step, skipped_total
+                ckpt.save(step, ckpt_state)
         if stop_now:
             logger.text(f"stop signal received: checkpoint written at step {step}, exiting for requeue")
+            ckpt.close()  # an asynchronous checkpoint is published before the marker says it exists
             logger.close()
             _write_stop_marker(engine, run_dir, step)
             return {**metrics, "stopped_at": step}
     with long_collectives(cfg):
+        ckpt.close()
         task.export(run_dir / "model")
         engine.barrier()
     logger.close()

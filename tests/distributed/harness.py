@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from taming_dist.checkpoint.manager import CheckpointManager
+from taming_dist.checkpoint.state import TrainState, training_state
 from taming_dist.config import load_config
 from taming_dist.engines import build_engine, env_from_environ, init_distributed
 from taming_dist.train.loop import build_task, grad_accum_steps
@@ -208,7 +209,9 @@ def run_spec(index: int, spec: str, out: Path, env, device) -> dict:
     start = 0
     if "resume" in opts:
         mgr = CheckpointManager(out / f"ckpt_{opts['resume']}", engine)
-        start, _, _ = mgr.load(mgr.latest(), task.units)
+        progress = TrainState()
+        mgr.load(mgr.latest(), training_state(engine, task.units, progress))
+        start = progress.step
     stop = int(opts.get("save", STEPS))
     grads: dict = {}
     if env.world_size == 1:
@@ -233,7 +236,7 @@ def run_spec(index: int, spec: str, out: Path, env, device) -> dict:
         stats = task.train_step(micro_batches, step)
         history.append({"step": step, **{k: float(v) for k, v in stats.items()}})
     if "save" in opts:
-        CheckpointManager(ckpt_dir, engine).save(stop, task.units, {}, {})
+        CheckpointManager(ckpt_dir, engine).save(stop, training_state(engine, task.units, TrainState(step=stop)))
     final = _full(engine, task, ema=False)
     spread = _replica_spread(engine, final, env)
     updates = {u: {k: final[u][k] - init[u][k] for k in final[u]} for u in final}

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 from taming_dist.checkpoint.manager import CheckpointManager
+from taming_dist.checkpoint.state import TrainState, training_state
 from taming_dist.config import EngineConfig, OptimConfig
 from taming_dist.engines import DistEnv, build_engine, lr_lambda_for
 
@@ -96,13 +97,29 @@ def test_fp16_needs_cuda_message():
         _engine(precision="fp16")
 
 
+class FakeStream:
+    """Stands in for a data stream: a position of plain values."""
+
+    def __init__(self):
+        self.position = {"epoch": 0, "batches": 0}
+
+    def state_dict(self):
+        return dict(self.position)
+
+    def load_state_dict(self, state):
+        self.position = dict(state)
+
+
 def test_checkpoint_roundtrip_and_keep_last(tmp_path):
     e = _engine()
     u = _unit(e, ema=0.9)
     mgr = CheckpointManager(tmp_path / "ck", e, keep_last=2)
     _train(e, u, 2)
+    progress, data = TrainState(skipped_total=1), FakeStream()
+    state = training_state(e, {"m": u}, progress, data=data)
     for step in (2, 3, 4):
-        path = mgr.save(step, {"m": u}, {"note": 1}, {"data": {"epoch": 0, "batches": step}})
+        progress.step, data.position["batches"] = step, step
+        path = mgr.save(step, state)
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["latest", "step_000003", "step_000004"]
     assert mgr.latest() == path
     state = {n: p.detach().clone() for n, p in u.raw.named_parameters()}
@@ -111,8 +128,9 @@ def test_checkpoint_roundtrip_and_keep_last(tmp_path):
     ref = _train(e, u, 2)
     e2 = _engine()
     u2 = _unit(e2, ema=0.9)
-    step, counters, extra = CheckpointManager(tmp_path / "ck", e2).load(path, {"m": u2})
-    assert step == 4 and counters["note"] == 1 and extra["data"]["batches"] == 4
+    progress2, data2 = TrainState(), FakeStream()
+    CheckpointManager(tmp_path / "ck", e2).load(path, training_state(e2, {"m": u2}, progress2, data=data2))
+    assert (progress2.step, progress2.skipped_total) == (4, 1) and data2.position == {"epoch": 0, "batches": 4}
     assert u2.scheduler.last_epoch == u.scheduler.last_epoch - 2  # the LR schedule came back too
     assert torch.equal(torch.rand(3), rng_next)  # RNG restored
     for n, p in u2.raw.named_parameters():
@@ -150,10 +168,10 @@ def test_one_checkpoint_folder_of_stateful_parts(tmp_path):
     e = _engine()
     u = _unit(e, ema=0.9)
     _train(e, u, 1)
-    path = CheckpointManager(tmp_path / "ck", e).save(1, {"m": u}, {}, {})
+    path = CheckpointManager(tmp_path / "ck", e).save(1, training_state(e, {"m": u}, TrainState(step=1)))
     assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "state"]
     manifest = json.loads((path / "manifest.json").read_text())
-    assert manifest["version"] == 2 and manifest["engine"] == "single" and manifest["units"] == ["m"]
+    assert manifest["version"] == 3 and manifest["engine"] == "single" and manifest["units"] == ["m"]
 
 
 def test_old_format_checkpoint_is_refused_with_its_version(tmp_path):
@@ -162,7 +180,7 @@ def test_old_format_checkpoint_is_refused_with_its_version(tmp_path):
     torch.save({"step": 2, "engine": "single", "world_size": 1}, old / "meta.pt")
     e = _engine()
     with pytest.raises(ValueError, match="format version 1.*taming-dist convert"):
-        CheckpointManager(tmp_path / "ck", e).load(old, {"m": _unit(e)})
+        CheckpointManager(tmp_path / "ck", e).load(old, training_state(e, {"m": _unit(e)}, TrainState()))
 
 
 def test_convert_still_reads_format_version_1(tmp_path):
@@ -192,7 +210,7 @@ def test_convert_reads_only_model_and_ema_tensors(tmp_path, monkeypatch):
     e = _engine()
     u = _unit(e, ema=0.5)
     _train(e, u, 1)
-    path = CheckpointManager(tmp_path / "ck", e).save(1, {"m": u}, {}, {})
+    path = CheckpointManager(tmp_path / "ck", e).save(1, training_state(e, {"m": u}, TrainState(step=1)))
     requested = []
     real_load = dcp.load
     monkeypatch.setattr(dcp, "load", lambda sd, **kw: (requested.extend(sd), real_load(sd, **kw))[1])

@@ -52,6 +52,7 @@ class SourceImage:
 
 
 CAPTION_EXT = "txt"
+TEXT_FIELD = "txt_emb.npy"  # a caption's text-encoder features in code shards (data/codes.py)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -60,12 +61,7 @@ CAPTION_EXT = "txt"
 
 def write_json_atomic(path: str, obj) -> None:
     """Write JSON to a temporary name in the same folder, then rename: readers never see a partial file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600; other users of a shared folder must read it
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=1, sort_keys=True))
 
 
 def write_tar(path: str, samples: Iterable[dict]) -> tuple[int, int]:
@@ -74,20 +70,11 @@ def write_tar(path: str, samples: Iterable[dict]) -> tuple[int, int]:
 
     The mtime is the integer 0: a float mtime makes tarfile add a PAX header to every member, which
     doubles the header parsing that dominates reading small images."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".tar", dir=folder)
     count = 0
-    try:
-        with os.fdopen(fd, "wb") as f, wds.TarWriter(f, encoder=False, mtime=0) as sink:
-            for sample in samples:
-                sink.write({k: v.encode() if isinstance(v, str) and k != "__key__" else v for k, v in sample.items()})
-                count += 1
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f, wds.TarWriter(f, encoder=False, mtime=0) as sink:
+        for sample in samples:
+            sink.write({k: v.encode() if isinstance(v, str) and k != "__key__" else v for k, v in sample.items()})
+            count += 1
     return count, os.path.getsize(path)
 
 

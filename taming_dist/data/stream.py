@@ -40,7 +40,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .shards import resolve_shards, tar_samples
+from .shards import TEXT_FIELD, resolve_shards, tar_samples
 from .synthetic import ensure_synthetic
 from .transforms import find_image_field, load_image, to_float
 
@@ -142,6 +142,7 @@ class _Plan:
     skip: tuple[int, ...] = ()  # raw samples each worker skips (resume)
     quota: Optional[tuple[int, ...]] = None  # resampled: batches each worker still yields
     rotation: int = 0  # DataLoader worker i plays worker (i + rotation) % workers
+    text: Optional[dict] = None  # codes with text features: the manifest's `text` (max_length, width, dtype)
 
 
 class _Counter:
@@ -193,6 +194,13 @@ def _decode(src, plan: _Plan, counter: _Counter, base: int):
                 field = "codes_flip.npy" if plan.hflip and "codes_flip.npy" in sample and rng.random() < 0.5 \
                     else "codes.npy"
                 data = np.load(io.BytesIO(sample[field]), allow_pickle=False).reshape(-1)
+                if plan.text is not None:
+                    # Stored at its true length; padded here to one length for the whole run (fixed
+                    # shapes for compile and the same padding on every rank), masked by the model.
+                    feats = np.load(io.BytesIO(sample[TEXT_FIELD]), allow_pickle=False)
+                    text = np.zeros((plan.text["max_length"], plan.text["width"]), dtype=feats.dtype)
+                    text[:len(feats)] = feats
+                    data = (data, text, len(feats))
             else:
                 ext = find_image_field(sample)
                 if ext is None:
@@ -204,11 +212,25 @@ def _decode(src, plan: _Plan, counter: _Counter, base: int):
         yield {"key": key, "data": data, "label": label, "pos": pos, "corrupt": counter.corrupt}
 
 
+def _text_tensor(arr: np.ndarray, dtype: str) -> torch.Tensor:
+    """Stored text features -> a tensor of the same width in bytes (bf16 is stored as uint16 bits)."""
+    if dtype == "bf16":
+        return torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(arr)
+
+
 def _batches(src, plan: _Plan, worker: int, counter: _Counter):
     quota = None if plan.quota is None else plan.quota[worker]
     if quota == 0:
         return
     field = "codes" if plan.kind == "codes" else "image"
+
+    def stack(buf) -> dict:
+        if plan.text is None:
+            return {field: torch.from_numpy(np.stack([s["data"] for s in buf]))}
+        return {field: torch.from_numpy(np.stack([s["data"][0] for s in buf])),
+                "context": _text_tensor(np.stack([s["data"][1] for s in buf]), plan.text["dtype"]),
+                "context_len": torch.tensor([s["data"][2] for s in buf], dtype=torch.int64)}
 
     def collate(buf, end: bool):
         # A batch goes out when the next good sample arrives (or the stream ends, `end`), so that
@@ -217,7 +239,7 @@ def _batches(src, plan: _Plan, worker: int, counter: _Counter):
         last = buf[-1]
         raw_end, corrupt = (counter.raw_end, counter.corrupt) if end else (last["pos"] + 1, last["corrupt"])
         return {
-            field: torch.from_numpy(np.stack([s["data"] for s in buf])),
+            **stack(buf),
             "label": torch.tensor([s["label"] for s in buf], dtype=torch.int64),
             "key": [s["key"] for s in buf],
             "_meta": torch.tensor([worker, raw_end, raw_end - plan.skip[worker], corrupt, counter.shard_errors],
@@ -408,6 +430,8 @@ class DataStream:
             batch["image"] = to_float(batch["image"])
         if "codes" in batch:
             batch["codes"] = batch["codes"].to(torch.int64)
+        if "context" in batch:  # text features, fp16 / bf16 / fp32 as stored
+            batch["context"] = batch["context"].float()
         return batch
 
     def _receive(self, raw: dict) -> dict:
@@ -488,6 +512,7 @@ def build_stream(cfg, *, batch_size: int, rank: int = 0, world_size: int = 1, se
         size=cfg.size, random_crop=cfg.random_crop, hflip=cfg.hflip, shuffle_buffer=cfg.shuffle_buffer,
         batch_size=batch_size, seed=seed, rank=rank, workers=workers,
         max_corrupt_fraction=cfg.max_corrupt_fraction, skip=(0,) * workers,
+        text=(manifest or {}).get("text") if cfg.kind == "codes" else None,
     )
     return DataStream(plan, num_workers=cfg.num_workers, world_size=world_size, steps_per_epoch=sum(caps),
                       worker_batches=caps, manifest=manifest)

@@ -68,8 +68,13 @@ def global_batch(stage: str, step: int, cfg) -> dict:
         return {"image": torch.rand(GLOBAL_BATCH, 3, s, s, generator=g) * 2 - 1}
     n_embed = cfg.transformer.first_stage.quantizer.n_embed
     n = (cfg.transformer.first_stage.ddconfig.resolution // cfg.transformer.first_stage.downsample_factor) ** 2
-    return {"codes": torch.randint(0, n_embed, (GLOBAL_BATCH, n), generator=g),
-            "label": torch.randint(0, cfg.transformer.condition.n_classes, (GLOBAL_BATCH,), generator=g)}
+    batch = {"codes": torch.randint(0, n_embed, (GLOBAL_BATCH, n), generator=g),
+             "label": torch.randint(0, cfg.transformer.condition.n_classes, (GLOBAL_BATCH,), generator=g)}
+    if cfg.transformer.gpt.cross_attention:  # text rows (issue 23): caption features and their true lengths
+        L, D = cfg.transformer.condition.context_len, cfg.transformer.gpt.context_dim
+        batch["context"] = torch.randn(GLOBAL_BATCH, L, D, generator=g)
+        batch["context_len"] = torch.randint(1, L + 1, (GLOBAL_BATCH,), generator=g)
+    return batch
 
 
 class Probes:

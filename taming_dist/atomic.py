@@ -5,11 +5,12 @@ Write to a temporary name beside the target, fsync what was written, rename it o
 fsync the parent folder: a reader (or a run resumed after a crash or kill -9) sees the old
 content or the complete new one, never a part, and the rename itself survives a power loss (POSIX
 makes the rename durable only once the folder holding it is synced). The temporary name carries the
-process id, so concurrent writers of one target never write into each other's file.
+process id and a serial number, so concurrent writers of one target never write into each other's file.
 """
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import shutil
 from pathlib import Path
@@ -70,10 +71,14 @@ def publish(tmp: str | os.PathLike, path: str | os.PathLike, *, keep_existing: b
     return True
 
 
+_serial = itertools.count()
+
+
 def temp_name(path: str | os.PathLike) -> Path:
-    """The temporary name beside `path` that this process writes into (hidden, with its pid)."""
+    """A fresh temporary name beside `path` (hidden; this process's id and a serial number, so
+    neither two processes nor two writers in one process share one)."""
     path = Path(path)
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{next(_serial)}")
 
 
 @contextlib.contextmanager
@@ -83,7 +88,6 @@ def atomic_path(path: str | os.PathLike, *, keep_existing: bool = False) -> Iter
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(path)
-    _remove(tmp)  # left over by an earlier crash of a process with the same pid
     try:
         yield tmp
     except BaseException:

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
-import shutil
 from pathlib import Path
 
 import torch
 import yaml
 
+from taming_dist.atomic import atomic_path
 from taming_dist.checkpoint.convert import consolidate, resolve_checkpoint
 from taming_dist.config import RunConfig, load_config
 
@@ -52,22 +51,8 @@ def _run_config(ckpt: Path) -> RunConfig:
 def staged(out: Path):
     """Yield a temporary path beside `out` (not yet created) to write the export into; on success
     rename it to `out` (a previous `out` is moved aside first and removed last), on any error remove it."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    for stale in (tmp, old):
-        if stale.exists():
-            shutil.rmtree(stale)
-    try:
+    with atomic_path(out) as tmp:  # synced before the rename, like every file taming_dist publishes
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _from_run(src, ema: bool, dtype) -> tuple[RunConfig, dict, dict]:
@@ -254,8 +239,7 @@ def write_taming(out: Path, kind: str, cfg: RunConfig, sd: dict, with_loss: bool
         for i in range(cfg.transformer.gpt.n_layer):
             sd[f"transformer.blocks.{i}.attn.mask"] = mask.clone()
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "model.ckpt.tmp"
-    torch.save({"state_dict": sd, "global_step": 0}, tmp)
-    tmp.replace(out / "model.ckpt")
+    with atomic_path(out / "model.ckpt") as tmp:
+        torch.save({"state_dict": sd, "global_step": 0}, tmp)
     (out / "model.yaml").write_text(yaml.safe_dump(original_yaml(kind, cfg, with_loss), sort_keys=False))
     return out

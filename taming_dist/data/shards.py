@@ -17,7 +17,6 @@ import json
 import multiprocessing
 import os
 import random
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Iterator, Optional
@@ -29,6 +28,7 @@ from PIL import Image
 from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from taming_dist.atomic import atomic_path, write_atomic
 from taming_dist.progress import progress
 
 from .transforms import IMAGE_EXTS, find_image_field

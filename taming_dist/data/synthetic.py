@@ -15,13 +15,13 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
-import tempfile
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 from PIL import Image
+
+from taming_dist.atomic import atomic_path
 
 from .images import save_grid
 from .shards import MANIFEST, SHARD_NAME, write_manifest, write_tar
@@ -325,18 +325,8 @@ def ensure_synthetic(cfg, cache_dir: Optional[str] = None) -> str:
         return folder
     images, labels = generate(n, size, classes, seed=SPLIT_SEEDS[split])
     texts = captions(n, classes, seed=SPLIT_SEEDS[split])
-    os.makedirs(root, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".tmp-synthetic-{os.getpid()}-", dir=root)
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp creates 0700; the cache may be shared
-        _write(tmp, images, labels, texts, classes, SPLIT_SEEDS[split])
-        try:
-            os.rename(tmp, folder)
-        except OSError:
-            # Another process renamed its finished copy into place first.
-            if not os.path.exists(os.path.join(folder, MANIFEST)):
-                raise
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
+    # Another process may publish its finished copy first; then that copy is kept (keep_existing).
+    with atomic_path(folder, keep_existing=True) as tmp:
+        tmp.mkdir()
+        _write(str(tmp), images, labels, texts, classes, SPLIT_SEEDS[split])
     return folder

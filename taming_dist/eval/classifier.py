@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from taming_dist.atomic import atomic_path
 from taming_dist.data.synthetic import CLASS_NAMES, SPLIT_SEEDS, cache_root, generate
 from taming_dist.eval.metrics import FeatureStats, fid_from_stats
 
@@ -127,10 +128,8 @@ def load_classifier(cache_dir: Optional[str] = None, device="cpu") -> tuple[Smal
     path = classifier_path(cache_dir)
     if not os.path.exists(path):
         entry = train_classifier()
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        torch.save(entry, tmp)
-        os.replace(tmp, path)  # atomic: a concurrent reader sees the old state or the whole file
+        with atomic_path(path) as tmp:  # a concurrent reader sees no file or the whole file
+            torch.save(entry, tmp)
     entry = torch.load(path, weights_only=True)
     model = SmallClassifier()
     model.load_state_dict(entry["state_dict"])

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from taming_dist.atomic import atomic_path
 from taming_dist.data.images import save_grid, to_uint8
 from taming_dist.data.shards import resolve_shards, tar_samples, write_manifest, write_tar
 from taming_dist.data.transforms import decode_rgb, find_image_field, load_image
@@ -166,11 +167,10 @@ def _merge_npz(model, out_dir: str, num_samples: int, batch_size: int, world_siz
                                     f"every rank (a shared file system when ranks run on several nodes)")
         parts.append(np.load(path, mmap_mode="r"))
     out = os.path.join(out_dir, NPZ_NAME)
-    tmp = out + ".tmp"
     rows = [0] * world_size
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
               "shape": (num_samples, side, side, 3)}
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+    with atomic_path(out) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
         with zf.open("arr_0.npy", "w", force_zip64=True) as f:
             np.lib.format.write_array_header_2_0(f, header)
             for k in range(math.ceil(num_samples / batch_size)):
@@ -182,7 +182,6 @@ def _merge_npz(model, out_dir: str, num_samples: int, batch_size: int, world_siz
         if labels is not None:
             with zf.open("arr_1.npy", "w", force_zip64=True) as f:
                 np.lib.format.write_array(f, labels)
-    os.replace(tmp, out)
     del parts
     for r in range(world_size):
         os.remove(os.path.join(out_dir, PART_NAME.format(rank=r)))
@@ -296,9 +295,8 @@ def load_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
 
 def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray, n: int) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, mu=mu, sigma=sigma, n=np.int64(n))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would add `.npz` to a name
+        np.savez(f, mu=mu, sigma=sigma, n=np.int64(n))
 
 
 def evaluate_samples(inception, path: str, ref_stats: str, *, batch_size: int = 50, size: Optional[int] = None,

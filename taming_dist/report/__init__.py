@@ -2,9 +2,10 @@
 opens in a browser from disk, with no server and no network. See page.py for what it shows."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
+
+from taming_dist.atomic import write_atomic
 
 from .page import page_html
 from .run import Run, find_runs, read_images, read_run
@@ -31,7 +32,4 @@ def write_report(folder: str | Path, out: Optional[str | Path] = None, *, max_th
     runs = sorted((read_run(r) for r in runs), key=lambda r: (r.config.get("stage") != "vqgan", r.name))
     html = page_html(folder.resolve().name, runs, out.parent.resolve(), extra_images=extra,
                      max_thumbnails=max_thumbnails)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(html, encoding="utf-8")
-    os.replace(tmp, out)
-    return out
+    return write_atomic(out, html)

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 from collections import Counter
 from pathlib import Path
 
 import torch
 
+from taming_dist.atomic import atomic_path
 from taming_dist.config import TransformerModelConfig, VQModelConfig, from_dict
 
 FORMAT = "taming_dist"
@@ -38,8 +37,8 @@ def safetensors_state(state_dict: dict, dtype: torch.dtype | None = None) -> dic
 
 def save_model_folder(folder, model_type: str, cfg, state_dict: dict, extra_meta: dict | None = None,
                       dtype: torch.dtype | None = None, extra_tensors: dict[str, dict] | None = None) -> Path:
-    """Write `folder` atomically: into `<folder>.tmp`, then renamed into place (a previous folder
-    is moved aside to `<folder>.old` first and removed last). `dtype` casts floating tensors;
+    """Write `folder` atomically (taming_dist.atomic: a temporary folder beside it, synced, renamed
+    into place; a previous folder is moved aside first and removed last). `dtype` casts floating tensors;
     `extra_meta` adds keys to config.json; `extra_tensors` maps a file name (e.g. `loss.safetensors`)
     to more tensors saved beside the model."""
     from safetensors.torch import save_file
@@ -56,21 +55,13 @@ def save_model_folder(folder, model_type: str, cfg, state_dict: dict, extra_meta
             raise ValueError(f"extra_tensors file name {name!r} must be a plain `*.safetensors` name other than "
                              "model.safetensors")
     folder = Path(folder)
-    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
-    for stale in (tmp, old):
-        if stale.exists():
-            shutil.rmtree(stale)
-    tmp.mkdir(parents=True)
-    save_file(safetensors_state(state_dict, dtype), str(tmp / "model.safetensors"))
-    for name, tensors in (extra_tensors or {}).items():
-        save_file(safetensors_state(tensors, dtype), str(tmp / name))
-    meta = {"format": FORMAT, "model_type": model_type, "config": dataclasses.asdict(cfg), **(extra_meta or {})}
-    (tmp / "config.json").write_text(json.dumps(meta, indent=2))
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    if old.exists():
-        shutil.rmtree(old)
+    with atomic_path(folder) as tmp:
+        tmp.mkdir()
+        save_file(safetensors_state(state_dict, dtype), str(tmp / "model.safetensors"))
+        for name, tensors in (extra_tensors or {}).items():
+            save_file(safetensors_state(tensors, dtype), str(tmp / name))
+        meta = {"format": FORMAT, "model_type": model_type, "config": dataclasses.asdict(cfg), **(extra_meta or {})}
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2))
     return folder
 
 

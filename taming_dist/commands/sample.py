@@ -1,6 +1,8 @@
 HELP = ("sample images from a trained transformer (a model folder or run folder): a PNG grid, or with "
         "--num-samples N samples at scale over ranks (torchrun/srun) as image shards or one .npz for FID tools")
 EXAMPLE = ("taming-dist sample runs/demo/transformer/model --classes 0,1,2,3 --per-class 8 --out samples.png\n  "
+           "taming-dist sample runs/t2i --prompt \"a red circle on a blue background\" --text-encoder models/t5 "
+           "--cfg-scale 3\n  "
            "torchrun --nproc_per_node 8 -m taming_dist sample runs/cin/model --num-samples 50000 --out-dir "
            "samples --format npz --cfg-scale 1.5 --top-k 600")
 
@@ -11,7 +13,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--classes", default="",
                         help="comma-separated class labels (class-conditional models; with --num-samples they are "
                              "cycled, default all classes)")
-    parser.add_argument("--per-class", type=int, default=8, help="samples per class (or in total if unconditional)")
+    parser.add_argument("--per-class", type=int, default=8,
+                        help="samples per class or prompt (or in total if unconditional)")
+    text = parser.add_argument_group("text-conditioned models (condition.kind=text)")
+    text.add_argument("--prompt", action="append", default=[],
+                      help="a caption to draw (repeat the flag for more rows), e.g. \"a red circle on a blue background\"")
+    text.add_argument("--prompts", default=None, help="a file of prompts, one per line (a row of samples each)")
+    text.add_argument("--text-encoder", default=None,
+                      help="the local text encoder folder the model's features were extracted with")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=None)
@@ -29,6 +38,15 @@ def add_arguments(parser) -> None:
     scale.add_argument("--shard-size", type=int, default=1000, help="samples per shard (format shards)")
 
 
+def read_prompts(path: str) -> list[str]:
+    """Prompts of a file, one per line (blank lines and lines starting with # skipped)."""
+    with open(path, encoding="utf-8") as f:
+        prompts = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise ValueError(f"prompts file {path} holds no prompts (one per line)")
+    return prompts
+
+
 def _grid(args, model) -> int:
     import torch
 
@@ -40,7 +58,23 @@ def _grid(args, model) -> int:
     kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cfg_scale=args.cfg_scale,
               generator=gen)
     rows = []
-    if args.classes:
+    prompts = list(args.prompt) + (read_prompts(args.prompts) if args.prompts else [])
+    if prompts:
+        if condition.wants != "prompts":
+            raise ValueError(f"--prompt/--prompts given but the model's condition kind is "
+                             f"{model.config.condition.kind!r} (text models take prompts)")
+        if not args.text_encoder:
+            raise ValueError("--prompt needs --text-encoder DIR: the encoder folder the model's text features came "
+                             f"from{' (' + model.config.condition.text_encoder + ')' if model.config.condition.text_encoder else ''}")
+        from taming_dist.models.pipeline import get_condition
+        from taming_dist.text import TextEncoder
+
+        encoder = TextEncoder.load(args.text_encoder, device=model.device)
+        for p in prompts:
+            rows.append(generate_image(model.first_stage_model, model,
+                                       get_condition(model, [p] * args.per_class, text_encoder=encoder), **kw))
+            print(f"row {len(rows)}: {p}")
+    elif args.classes:
         if condition.wants != "labels":
             raise ValueError(f"--classes given but the model's condition kind is {model.config.condition.kind!r}")
         for c in [int(c) for c in args.classes.split(",")]:

@@ -90,6 +90,47 @@ def test_kill_9_during_checkpoint_write_keeps_previous(tmp_path):
     assert not (ck / "step_000004.tmp").exists()
 
 
+ASYNC_KILLER = textwrap.dedent("""
+    import os, signal, sys, threading
+    from torch.distributed.checkpoint import FileSystemWriter
+    real_write = FileSystemWriter.write_data
+    threads = []
+    def write_data(self, plan, planner):
+        threads.append(threading.current_thread() is threading.main_thread())
+        if len(threads) == 2:   # the second checkpoint's background write, under way
+            with open(os.environ["TD_WRITE_THREADS"], "w") as f:
+                f.write(repr(threads))
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_write(self, plan, planner)
+    FileSystemWriter.write_data = write_data
+    from taming_dist.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_kill_9_during_async_background_write_keeps_previous(tmp_path):
+    """train.async_checkpoint=true: the write runs on DCP's background thread (recorded: not the main
+    thread, for both checkpoints), and a kill -9 in the middle of it leaves `latest` at the previous
+    checkpoint, which resumes."""
+    script = tmp_path / "killer.py"
+    script.write_text(ASYNC_KILLER)
+    report = tmp_path / "threads.txt"
+    args = [sys.executable, str(script), "train", "vqgan-tiny", f"out_dir={tmp_path}", "name=k", "train.steps=4",
+            "train.ckpt_every=2", "train.async_checkpoint=true", *TINY]
+    p = subprocess.run(args, cwd=REPO, env=test_env(TD_WRITE_THREADS=str(report)), capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-3000:]
+    assert report.read_text() == "[False, False]"  # both writes off the main (training) thread
+    ck = tmp_path / "k" / "checkpoints"
+    assert (ck / "latest").read_text().strip() == "step_000002"
+    assert (ck / "step_000004.tmp").exists() and not (ck / "step_000004").exists()
+    p = run(["-m", "taming_dist", "train", "vqgan-tiny", f"out_dir={tmp_path}", "name=k", "train.steps=4",
+             "train.ckpt_every=2", "train.async_checkpoint=true", *TINY])
+    assert "resumed from" in p.stdout and "step_000002" in p.stdout
+    assert (ck / "latest").read_text().strip() == "step_000004" and (ck / "step_000004" / "manifest.json").exists()
+    assert not (ck / "step_000004.tmp").exists()
+
+
 def test_fsdp_resume_on_one_rank_reshards_and_keeps_the_global_batch(tmp_path):
     derived = ["train.micro_batch_size=null"]  # as the presets: the micro batch follows the world size
     p = train(tmp_path, "f", 2, ["engine.kind=fsdp"], 2, derived)

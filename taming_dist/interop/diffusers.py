@@ -201,8 +201,9 @@ def save_diffusers(folder, cfg: VQModelConfig, state_dict: dict, dtype: torch.dt
     from diffusers import VQModel as DiffusersVQModel
 
     config, sd = to_diffusers(cfg, state_dict)
-    model = DiffusersVQModel(**config)
-    model.load_state_dict(sd, strict=True)
+    with torch.device("meta"):  # no random init of weights that are replaced at once
+        model = DiffusersVQModel(**config)
+    model.load_state_dict(sd, strict=True, assign=True)
     if dtype is not None:
         model = model.to(dtype)
     model.save_pretrained(str(folder), safe_serialization=True)

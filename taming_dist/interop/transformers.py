@@ -109,8 +109,9 @@ def save_transformers(folder, cfg: TransformerModelConfig, state_dict: dict, dty
     from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
 
     config, sd = to_gpt2(cfg, state_dict)
-    model = GPT2LMHeadModel(GPT2Config(**config))
-    model.load_state_dict(sd, strict=True)
+    with torch.device("meta"):  # no random init of weights that are replaced at once
+        model = GPT2LMHeadModel(GPT2Config(**config))
+    model.load_state_dict(sd, strict=True, assign=True)
     if dtype is not None:
         model = model.to(dtype)
     info = condition_info(cfg)
@@ -129,7 +130,7 @@ Exported by `taming-dist export --format hf-pipeline`. `vqgan/` is a diffusers `
 tokenizer: {res}x{res} px <-> a {side}x{side} grid of codes from {codes}), `transformer/` a transformers
 `GPT2LMHeadModel` over those codes{cond_text}. The GPT's prompt is {prompt_text}; it generates the
 {n} codes in raster order, which the VQModel decodes. Greedy decoding, as below, is deterministic;
-for samples use `do_sample=True, top_k=100` (the original's default){cfg_text}.
+for samples use `do_sample=True, top_k=100` (the original's default){cfg_text}. Run it in this folder.
 
 ```python
 import torch
@@ -139,7 +140,7 @@ from transformers import GPT2LMHeadModel
 folder = "{folder}"
 vqgan = VQModel.from_pretrained(f"{{folder}}/vqgan").eval()
 gpt = GPT2LMHeadModel.from_pretrained(f"{{folder}}/transformer").eval()
-prompt = torch.tensor([{prompt_ids}])  # {prompt_comment}
+prompt = torch.tensor([[{prompt_ids}]])  # {prompt_comment}
 with torch.no_grad():
     out = gpt.generate(prompt, max_new_tokens={n}, do_sample=False{gen_extra})
     codes = out[:, prompt.shape[1]:]  # (1, {n}) image codes
@@ -168,8 +169,8 @@ def pipeline_readme(cfg: TransformerModelConfig, folder: str = ".", label: int =
                          "prompt is the codes of its cond stage")
     gen_extra, cfg_text = "", ""
     if c.kind == "class" and c.class_dropout > 0:
-        cfg_text = (f"; classifier-free guidance is transformers' own: `guidance_scale=3.0, "
-                    f"negative_prompt_ids=torch.tensor([[{c.n_classes}]])` (the null class)")
+        cfg_text = (f"; classifier-free guidance is transformers' own `guidance_scale` with the null class "
+                    f"{c.n_classes} as `negative_prompt_ids`")
         if guidance is not None:
             gen_extra = f", guidance_scale={guidance}, negative_prompt_ids=torch.tensor([[{c.n_classes}]])"
     return README.format(res=res, side=side, codes=f"{cfg.first_stage.quantizer.n_embed} codes",
@@ -201,6 +202,7 @@ def save_pipeline(folder, cfg: TransformerModelConfig, state_dict: dict, dtype: 
                   "prompt of `transformer/` (GPT2LMHeadModel.generate), and decode the generated codes with "
                   "`vqgan/`. See taming_condition.json.\n")
     else:
-        readme = pipeline_readme(cfg)
+        # guided when the model learned a null class: guidance through transformers' own processor
+        readme = pipeline_readme(cfg, guidance=3.0 if cfg.condition.class_dropout > 0 else None)
     (folder / "README.md").write_text(readme)
     return names

@@ -41,6 +41,14 @@ def trained_vqgan(cfg: VQModelConfig, seed: int = 0):
     torch.manual_seed(seed)
     model = perturb(VQModel(cfg), seed)
     q = model.quantize
+    if cfg.quantizer.kind in ("vq", "ema"):
+        # codes spread like the encoder's outputs, as training leaves them: the uniform init (+-1/K)
+        # puts every code at nearly the same distance from any latent, ties everywhere
+        with torch.no_grad():
+            x = synthetic_images(4, cfg.ddconfig.resolution)[:, :cfg.ddconfig.in_channels]
+            z = model.quant_conv(model.encoder(x))
+            q.embedding.weight.copy_(torch.randn(q.embedding.weight.shape, generator=torch.Generator().manual_seed(seed))
+                                     * z.std())
     if hasattr(q, "code_offset"):
         q.code_offset.copy_(torch.randn(q.code_offset.shape, generator=torch.Generator().manual_seed(seed + 1)) * 0.05)
         q.kmeans_done.fill_(1.0)

@@ -374,6 +374,9 @@ class TrainConfig:
     log_every: int = 10
     image_every: int = 500
     ckpt_every: int = 500
+    # Also a checkpoint every this many minutes of wall clock (0 = off): rank 0's clock, shared in
+    # the step's fused all-reduce, so every rank saves at the same step.
+    ckpt_every_min: float = 0.0
     keep_last: int = 3
     # Checkpoints staged to host memory and written by a background thread (DCP's async_save):
     # training stalls only for the copy. Not with engine.kind=deepspeed (its own files are written
@@ -445,6 +448,8 @@ class RunConfig:
         for key in ("global_batch_size", "micro_batch_size", "max_micro_batch_size"):
             if getattr(t, key) is not None and getattr(t, key) < 1:
                 raise ValueError(f"train.{key} {getattr(t, key)} must be at least 1")
+        if t.ckpt_every_min < 0:
+            raise ValueError(f"train.ckpt_every_min {t.ckpt_every_min} must be >= 0 (0 = off)")
         if t.micro_batch_size is not None and t.global_batch_size % t.micro_batch_size:
             raise ValueError(
                 f"train.global_batch_size {t.global_batch_size} is not divisible by "

@@ -122,15 +122,6 @@ class Engine:
                 t /= self.env.world_size
         return t
 
-    def mean_over_ranks(self, stats: dict[str, float]) -> dict[str, float]:
-        """Average logged scalars across ranks (one collective), so logs describe the global batch."""
-        if not self.env.is_distributed or not stats:
-            return stats
-        keys = sorted(stats)
-        t = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=self.device)
-        self.all_reduce(t, "mean")
-        return dict(zip(keys, t.tolist()))
-
     def broadcast_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """In-place broadcast from rank 0, handed to model code (dead-code restarts)."""
 
@@ -242,28 +233,42 @@ class Engine:
                 sq += local_tensor(p.grad).detach().float().pow(2).sum()
         return sq.sqrt()
 
-    def step(self, unit: Unit) -> dict:
-        """Clip (at the unit's grad_clip), skip on non-finite gradients, optimizer step, LR
-        schedule, zero grads. The reported grad_norm is the norm before clipping."""
+    def prepare_step(self, unit: Unit) -> torch.Tensor | None:
+        """After the step's last backward: unscale fp16 gradients and return their global norm (a
+        device tensor, no host read), or None where the engine only knows it inside `step`
+        (DeepSpeed). The caller folds its finiteness into the step's one fused all-reduce."""
         if unit.scaler is not None:
             unit.scaler.unscale_(unit.optimizer)
-        norm = self.grad_norm(unit)
-        finite = bool(torch.isfinite(norm))
-        if finite and unit.grad_clip > 0:
+        return self.grad_norm(unit)
+
+    def step(self, unit: Unit, skip: bool | None = None, norm: torch.Tensor | None = None) -> dict:
+        """Clip (at the unit's grad_clip), optimizer step, LR schedule, EMA, zero grads; or, with
+        `skip`, only drop the gradients. `skip` and `norm` come from the caller's fused all-reduce
+        (tasks/base.py: reduce_step): every rank passes the same `skip`, so all skip together and no
+        host read happens here. Without them (tests, tools) the norm is computed and read here.
+        Returns the norm before clipping (a device tensor) and whether the step was skipped."""
+        if norm is None:
+            norm = self.prepare_step(unit)
+        if skip is None:
+            skip = not bool(torch.isfinite(norm))  # a host read; the training step passes `skip`
+        if not skip and unit.grad_clip > 0:
             coef = torch.clamp(unit.grad_clip / (norm + 1e-6), max=1.0)
             for _, p in self.local_params(unit):
                 if p.grad is not None:
                     local_tensor(p.grad).detach().mul_(coef.to(p.grad.dtype))
         if unit.scaler is not None:
-            unit.scaler.step(unit.optimizer)  # skips by itself on inf/nan
-            unit.scaler.update()
-        elif finite:
+            if skip:
+                unit.scaler.update()  # the inf checks of unscale_ are recorded; reset for the next step
+            else:
+                unit.scaler.step(unit.optimizer)  # skips by itself on inf/nan
+                unit.scaler.update()
+        elif not skip:
             unit.optimizer.step()
         unit.optimizer.zero_grad(set_to_none=True)
-        if finite:
+        if not skip:
             unit.scheduler.step()
             self.update_ema(unit)
-        return {"grad_norm": float(norm), "skipped": not finite}
+        return {"grad_norm": norm, "skipped": skip}
 
     @torch.no_grad()
     def update_ema(self, unit: Unit) -> None:

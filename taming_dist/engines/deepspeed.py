@@ -210,11 +210,20 @@ class DeepSpeedEngine(Engine):
         unit.module.set_gradient_accumulation_boundary(True)
         unit.module.zero_grad()
 
-    def step(self, unit):
+    def prepare_step(self, unit):
+        return None  # DeepSpeed computes (and clips by) the norm inside its own step
+
+    def step(self, unit, skip=None, norm=None):
+        if skip:
+            self.discard(unit)
+            return {"grad_norm": torch.full((), float("nan"), device=self.device), "skipped": True}
         # Clipping is DeepSpeed's own, at the `gradient_clipping` its config got at setup.
         unit.module.step()
         norm = unit.module.get_global_grad_norm()
-        norm = float(norm) if norm is not None else float("nan")
+        if norm is None:
+            norm = float("nan")
+        if not torch.is_tensor(norm):
+            norm = torch.tensor(float(norm), device=self.device)
         applied = unit.module.was_step_applied() if hasattr(unit.module, "was_step_applied") else True
         if applied:
             unit.scheduler.step()

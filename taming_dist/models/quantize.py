@@ -81,21 +81,50 @@ class _Quantizer(nn.Module):
         out = self.broadcast_fn(t)
         return t if out is None else out
 
+    # Training counts feed the logged usage statistics and the usage window; dead-code restarts
+    # also need them inside the forward. Without restarts they are only summed here over the step's
+    # micro-batches (`take_step_counts`) and reduced once per step by the training step's fused
+    # all-reduce, which hands the global counts back to `finish_step`: no collective per forward.
+    def _global_counts_now(self) -> bool:
+        return getattr(self, "dead_code_threshold", 0.0) > 0
+
     def _counts(self, idx: torch.Tensor) -> torch.Tensor:
-        """Codes hit per code, (K,) fp32; summed over ranks in training (the global batch)."""
+        """Codes hit per code, (K,) fp32; in training summed over ranks (the global batch) when the
+        forward needs them, else this rank's, kept for the step (see above)."""
         counts = torch.bincount(idx.reshape(-1), minlength=self.n_e).float()
+        self._deferred = self.training and not self._global_counts_now()
+        if self._deferred:
+            pending = getattr(self, "_step_counts", None)
+            self._step_counts = counts if pending is None else pending + counts
+            return counts
         return self._reduce(counts) if self.training else counts
 
-    def _info(self, idx: torch.Tensor, counts: torch.Tensor) -> dict:
+    def take_step_counts(self) -> torch.Tensor | None:
+        """This rank's code counts summed over the step's training forwards (None if none were
+        kept back), reset for the next step."""
+        counts, self._step_counts = getattr(self, "_step_counts", None), None
+        return counts
+
+    def finish_step(self, counts: torch.Tensor) -> dict:
+        """The step's global code counts (take_step_counts summed over ranks) -> its usage logs,
+        and the usage window moved on by them (the same on every rank)."""
+        return self._stats(counts, update_window=True)
+
+    def _stats(self, counts: torch.Tensor, update_window: bool) -> dict:
         # The original's perplexity: exp of the entropy of the mean one-hot assignment.
         p = counts / counts.sum().clamp_min(1.0)
         perplexity = torch.exp(-(p * torch.log(p + 1e-10)).sum())
-        if self.training:
+        if update_window:
             # counts are the global batch's here, so every rank keeps the same window
             self.tokens_seen += counts.sum().long()
             self.last_hit.copy_(torch.where(counts > 0, self.tokens_seen, self.last_hit))
         recent = (self.last_hit > self.tokens_seen - self.usage_window).float().mean()
-        return {"indices": idx, "perplexity": perplexity, "usage": (counts > 0).float().mean(), "window_usage": recent}
+        return {"perplexity": perplexity, "usage": (counts > 0).float().mean(), "window_usage": recent}
+
+    def _info(self, idx: torch.Tensor, counts: torch.Tensor) -> dict:
+        # Kept back for the step: this forward's own statistics, and the window moves in finish_step.
+        deferred, self._deferred = getattr(self, "_deferred", False), False
+        return {"indices": idx, **self._stats(counts, update_window=self.training and not deferred)}
 
     def get_codebook_entry(self, indices: torch.Tensor) -> torch.Tensor:
         """indices (B, h, w) -> the decoder-side latent (B, embed_dim, h, w)."""

@@ -15,7 +15,7 @@ from taming_dist.engines.base import Engine, lr_lambda_for
 from taming_dist.losses.lm import image_token_loss
 from taming_dist.models.transformer import Transformer
 from taming_dist.profiling import phase
-from taming_dist.tasks.base import all_finite, to_device
+from taming_dist.tasks.base import StepSync, add_stats, nonfinite, reduce_step, to_device
 from taming_dist.tasks.init import load_init_weights, read_weights
 
 
@@ -71,9 +71,12 @@ class TransformerTask:
 
         return transformer_step_flops(self.cfg)
 
-    def train_step(self, micro_batches: list[dict], step: int) -> dict:
+    def train_step(self, micro_batches: list[dict], step: int, sync: StepSync | None = None) -> dict:
         eng, n = self.engine, len(micro_batches)
-        stats: dict[str, float] = {}
+        stats: dict = {}
+        # Non-finite losses on this rank, on the device: the step's one fused all-reduce decides
+        # (tasks/base.py: reduce_step); nothing is read or reduced per micro-batch.
+        bad = torch.zeros((), device=eng.device)
         for mb in eng.accumulate(self.G, micro_batches):
             batch = to_device(mb, eng.device)
             with phase("tokenize"), torch.no_grad(), eng.autocast():  # frozen VQGAN encode, conditions
@@ -82,18 +85,18 @@ class TransformerTask:
                 with eng.autocast():
                     logits = self.G.module(inputs["idx"], **inputs["gpt_kwargs"])
                 loss, logs = image_token_loss(logits, inputs["targets"], inputs["c_len"])
-            if not all_finite(eng, loss):
-                eng.discard(self.G)
-                return {"skipped": 1.0}
+            bad = bad + nonfinite(loss)
             with phase("transformer_backward"):
                 eng.backward(self.G, loss)
-            for k, v in {"loss": loss, **logs}.items():
-                stats[k] = stats.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) / n
+            add_stats(stats, {"loss": loss, **logs}, n)
+        norm = eng.prepare_step(self.G)
+        flags = {"transformer": bad if norm is None else bad + nonfinite(norm)}
+        stats = reduce_step(eng, flags, stats, sync)
         with phase("optimizer_step"):
-            stats.update(eng.step(self.G))
+            stats.update(eng.step(self.G, skip=flags["transformer"] > 0, norm=norm))
         stats["skipped"] = float(stats.pop("skipped"))
         stats["lr"] = eng.lr(self.G)
-        return eng.mean_over_ranks(stats)
+        return stats
 
     @torch.no_grad()
     def save_images(self, batch: dict, step: int, folder: Path) -> list[Path]:

@@ -26,7 +26,7 @@ from taming_dist.models.discriminator import NLayerDiscriminator
 from taming_dist.models.quantize import fold_code_offset
 from taming_dist.models.vqgan import VQModel
 from taming_dist.profiling import phase
-from taming_dist.tasks.base import all_finite, to_device
+from taming_dist.tasks.base import StepSync, add_stats, nonfinite, reduce_step, to_device
 from taming_dist.tasks.init import load_init_weights
 
 
@@ -63,6 +63,7 @@ class VQGANTask:
         disc = RealFakeDiscriminator(NLayerDiscriminator(cfg.loss.discriminator), lecam=cfg.loss.lecam_weight > 0)
         if cfg.init_from:
             load_init_weights(cfg.init_from, {"generator": model, "discriminator": disc.discriminator}, engine.is_main)
+        self.quantizer = model.quantize
         model.quantize.reduce_fn = engine.reduce_fn()
         # k-means init and dead-code restarts draw rows of the global batch on rank 0 (broadcast)
         # and fetch them from the rank that holds them.
@@ -101,12 +102,16 @@ class VQGANTask:
         shape = (grad_rec.shape[1], h.shape[1], 3, 3)
         return torch.nn.grad.conv2d_weight(h, shape, grad_rec, stride=1, padding=1)
 
-    def train_step(self, micro_batches: list[dict], step: int) -> dict:
+    def train_step(self, micro_batches: list[dict], step: int, sync: StepSync | None = None) -> dict:
         eng = self.engine
         n = len(micro_batches)
         disc_factor = self.loss.disc_factor(step)
-        stats: dict[str, float] = {}
+        stats: dict = {}
         recs = []
+        # Non-finite losses seen on this rank, as device tensors: no collective or host read per
+        # micro-batch. A non-finite micro-batch is still backpropagated; the step's one fused
+        # all-reduce (reduce_step) then tells every rank to skip the whole step, as it would have.
+        bad_g = torch.zeros((), device=eng.device)
 
         def disc_fn(rec):
             with eng.frozen(self.D) as d:
@@ -121,43 +126,56 @@ class VQGANTask:
             obj = self.loss.generator_objective(x, xrec, qloss, step, disc_fn=disc_fn,
                                                 last_layer_grad=self._last_layer_grad,
                                                 mean_fn=lambda t: eng.all_reduce(t, "mean"), autocast=eng.autocast)
-            if not all_finite(eng, obj.loss, obj.grad_rec):
-                eng.discard(self.G)
-                return {"skipped": 1.0}
+            bad_g = bad_g + nonfinite(obj.loss, obj.grad_rec)
             with phase("generator_backward"):
                 eng.backward(self.G, obj.surrogate(xrec))
             recs.append((x, xrec.detach()))
-            _accumulate(stats, {**obj.logs, **{k: info[k] for k in QUANTIZER_LOGS if k in info}}, n)
+            add_stats(stats, {**obj.logs, **{k: info[k] for k in QUANTIZER_LOGS if k in info}}, n)
             if "restarted" in info:  # a count over the step's micro-batches
-                stats["codes_restarted"] = stats.get("codes_restarted", 0.0) + float(info["restarted"])
-        with phase("generator_optimizer_step"):
-            stats.update({f"g_{k}": v for k, v in eng.step(self.G).items()})
-        stats["lr"] = eng.lr(self.G)
+                add_stats(stats, {"codes_restarted": info["restarted"]}, 1)
+        norms = {"generator": eng.prepare_step(self.G)}
+        flags = {"generator": bad_g}
+        lecam = getattr(self.D.raw, "lecam_ema", None)
         if disc_factor > 0.0:
             # The discriminator is not trained before disc_start (its loss is zero there anyway).
-            lecam = getattr(self.D.raw, "lecam_ema", None)
-            means = []
+            # Its step is independent of the generator's (it sees the detached reconstructions), so
+            # both backward passes come first and one all-reduce decides both steps.
+            bad_d = torch.zeros((), device=eng.device)
             for x, xrec in eng.accumulate(self.D, recs):
                 with phase("discriminator_forward"), eng.autocast():
                     real, fake = self.D.module(x, xrec)
                     d_loss, dlogs = self.loss.discriminator_loss(real, fake, step, lecam_ema=lecam)
-                if not all_finite(eng, d_loss):
-                    eng.discard(self.D)
-                    return {**stats, "skipped": 1.0}
+                bad_d = bad_d + nonfinite(d_loss)
                 with phase("discriminator_backward"):
                     eng.backward(self.D, d_loss)
-                means.append(torch.stack([dlogs["logits_real"], dlogs["logits_fake"]]))
-                _accumulate(stats, dlogs, n)
+                add_stats(stats, dlogs, n)
+            norms["discriminator"] = eng.prepare_step(self.D)
+            flags["discriminator"] = bad_d
+        for name, norm in norms.items():
+            if norm is not None:
+                flags[name] = flags[name] + nonfinite(norm)
+        counts = self.quantizer.take_step_counts()  # kept back by the quantizer: reduced here, once
+        stats = reduce_step(eng, flags, stats, sync, sums={"code_counts": counts} if counts is not None else None)
+        if counts is not None:
+            stats.update(self.quantizer.finish_step(stats.pop("code_counts")))
+        skip_g = flags["generator"] > 0
+        with phase("generator_optimizer_step"):
+            stats.update({f"g_{k}": v for k, v in eng.step(self.G, skip=skip_g, norm=norms["generator"]).items()})
+        stats["lr"] = eng.lr(self.G)
+        if disc_factor > 0.0:
+            # As before the fused reduce: a skipped generator step skips the discriminator's too.
+            skip_d = skip_g or flags["discriminator"] > 0
             with phase("discriminator_optimizer_step"):
-                stats.update({f"d_{k}": v for k, v in eng.step(self.D).items()})
-            if lecam is not None:
-                # The step's mean logits over the global batch: the same EMA on every rank. It is
-                # updated after the step, so every micro-batch of a step (and every engine and
-                # accumulation split) is regularised towards the same EMA of the earlier steps.
-                mean = eng.all_reduce(torch.stack(means).mean(0), "mean")
-                update_lecam_ema(lecam, mean[0], mean[1], self.cfg.loss.lecam_ema_decay)
-        stats["skipped"] = float(stats.get("g_skipped", 0.0) or stats.get("d_skipped", 0.0))
-        return eng.mean_over_ranks(stats)
+                stats.update({f"d_{k}": v for k, v in
+                              eng.step(self.D, skip=skip_d, norm=norms["discriminator"]).items()})
+            if lecam is not None and not skip_d:
+                # The step's mean logits over the global batch (their means over micro-batches,
+                # averaged over ranks by the fused reduce): the same EMA on every rank. Updated
+                # after the step, so every micro-batch of a step (and every engine and accumulation
+                # split) is regularised towards the same EMA of the earlier steps.
+                update_lecam_ema(lecam, stats["logits_real"], stats["logits_fake"], self.cfg.loss.lecam_ema_decay)
+        stats["skipped"] = float(bool(stats.pop("g_skipped", False)) or bool(stats.pop("d_skipped", False)))
+        return stats
 
     @torch.no_grad()
     def save_images(self, batch: dict, step: int, folder: Path) -> list[Path]:
@@ -188,6 +206,3 @@ class VQGANTask:
 QUANTIZER_LOGS = ("perplexity", "usage", "window_usage", "per_sample_entropy", "codebook_entropy")
 
 
-def _accumulate(stats: dict, logs: dict, n: int) -> None:
-    for k, v in logs.items():
-        stats[k] = stats.get(k, 0.0) + float(v) / n

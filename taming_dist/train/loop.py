@@ -20,6 +20,7 @@ from taming_dist.checkpoint.state import TrainState, training_state
 from taming_dist.config import RunConfig, batch_layout, dump_config, to_dict
 from taming_dist.engines import build_engine, env_from_environ, init_distributed
 from taming_dist.engines.dist import long_collectives, set_collective_timeout
+from taming_dist.tasks.base import StepSync
 from taming_dist.train import STOP_MARKER_ENV
 from taming_dist.logging import RunLogger, print0, set_rank
 
@@ -143,9 +144,13 @@ def _train(cfg: RunConfig, resume: str, scope: contextlib.ExitStack) -> dict:
         tw = time.perf_counter()
         micro = [next(batches) for _ in range(accum)]
         data_wait += time.perf_counter() - tw  # time blocked on the loader (not overlapped with compute)
-        stats = task.train_step(micro, step)
+        # The stop flag and rank 0's clock ride in the step's one fused all-reduce (tasks/base.py:
+        # reduce_step): every rank gets the same sums, so all stop or checkpoint at the same step.
+        sync = StepSync(send={"stop": float(stop.set), "clock": time.monotonic() if engine.is_main else 0.0})
+        stats = task.train_step(micro, step, sync)
         if step == start:  # compiled and warmed up: hangs from here on fail after the steady timeout
             set_collective_timeout(cfg.engine.collective_timeout_s)
+            last_ckpt_clock = sync.received.get("clock", 0.0)
         step += 1
         if stats.get("skipped", 0.0):
             bad_in_row += 1
@@ -163,7 +168,7 @@ def _train(cfg: RunConfig, resume: str, scope: contextlib.ExitStack) -> dict:
             dt = time.time() - t0
             samples = done_since_log * cfg.train.global_batch_size
             rate = samples * per_sample / dt
-            metrics = {**{k: v for k, v in stats.items()}, f"{unit_name}_per_s": rate,
+            metrics = {**_numbers(stats), f"{unit_name}_per_s": rate,
                        f"{unit_name}_per_s_per_device": rate / env.world_size, "step_s": dt / done_since_log,
                        "data_wait_frac": data_wait / dt, "eta_s": (cfg.train.steps - step) * dt / done_since_log,
                        "skipped_total": skipped_total, **_memory(device)}
@@ -177,8 +182,11 @@ def _train(cfg: RunConfig, resume: str, scope: contextlib.ExitStack) -> dict:
             with long_collectives(cfg):  # sampling a grid may take a while on every rank
                 for p in task.save_images(micro[0], step, run_dir / "images"):
                     logger.image(step, p.stem.split("_")[0], p)
-        stop_now = _all_true(engine, stop.set)
-        if stop_now or step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:
+        stop_now = sync.received.get("stop", float(stop.set)) > 0
+        clock = sync.received.get("clock", 0.0)
+        by_clock = bool(cfg.train.ckpt_every_min) and clock - last_ckpt_clock >= cfg.train.ckpt_every_min * 60
+        if stop_now or by_clock or step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:
+            last_ckpt_clock = clock
             with long_collectives(cfg):
                 progress.step, progress.skipped_total = step, skipped_total
                 ckpt.save(step, ckpt_state)
@@ -252,9 +260,12 @@ def _resume_path(ckpt: CheckpointManager, resume: str):
     return p  # an old-format folder (meta.pt) is refused with its format version by the manager
 
 
-def _all_true(engine, flag: bool) -> bool:
-    t = torch.tensor(1.0 if flag else 0.0, device=engine.device)
-    return float(engine.all_reduce(t, "sum")) > 0
+def _numbers(stats: dict) -> dict:
+    """The step's metrics as Python numbers: its device tensors read in one transfer (on logging
+    steps only; the other steps never read them)."""
+    keys = [k for k, v in stats.items() if torch.is_tensor(v)]
+    values = torch.stack([stats[k].detach().double().reshape(()) for k in keys]).tolist() if keys else []
+    return {**{k: v for k, v in stats.items() if not torch.is_tensor(v)}, **dict(zip(keys, values))}
 
 
 def _memory(device: torch.device) -> dict:

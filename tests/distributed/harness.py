@@ -222,11 +222,11 @@ def run_spec(index: int, spec: str, out: Path, env, device) -> dict:
     if env.world_size == 1:
         real_step = engine.step
 
-        def step(unit):  # each tensor's gradient norm at step 0, before clipping
+        def step(unit, **kw):  # each tensor's gradient norm at step 0, before clipping
             if not grads.get(unit.name):
                 grads[unit.name] = {n: float(p.grad.norm()) for n, p in unit.raw.named_parameters()
                                     if p.grad is not None}
-            return real_step(unit)
+            return real_step(unit, **kw)
 
         engine.step = step
     history = []

@@ -259,8 +259,15 @@ def test_ema_restarts_over_ranks_match_one_process():
 # Rolling usage
 
 
-def _hits(q, codes: list[int]) -> dict:
-    return q(q.codebook().detach()[codes].t().reshape(1, q.e_dim, 1, len(codes)))[2]
+def _hits(q, codes: list[int], ranks: int = 1) -> dict:
+    """One training step of one forward (as tasks/vqgan.py drives it): the forward keeps its counts
+    back, the step's fused all-reduce sums them over `ranks` identical ranks, finish_step logs them."""
+    info = q(q.codebook().detach()[codes].t().reshape(1, q.e_dim, 1, len(codes)))[2]
+    if not q.training:
+        return info
+    counts = q.take_step_counts()
+    assert counts is not None and q.take_step_counts() is None, "kept back once per step"
+    return {**info, **q.finish_step(counts * ranks)}
 
 
 def test_window_usage_counts_codes_of_the_last_tokens():
@@ -275,9 +282,22 @@ def test_window_usage_counts_codes_of_the_last_tokens():
     assert float(_hits(q, [3, 3])["window_usage"]) == 0.25  # eval forwards do not count
     # The window counts the global batch: two ranks' tokens fill it twice as fast.
     q.train()
-    q.reduce_fn = lambda t: t * 2  # two identical ranks
-    assert float(_hits(q, [3, 3])["window_usage"]) == 0.5  # 4 global tokens of code 3, 4 of code 2 before
-    assert float(_hits(q, [1, 1, 1, 1])["window_usage"]) == 0.25  # 8 global tokens: code 1 only
+    assert float(_hits(q, [3, 3], ranks=2)["window_usage"]) == 0.5  # 4 global tokens of code 3, 4 of code 2 before
+    assert float(_hits(q, [1, 1, 1, 1], ranks=2)["window_usage"]) == 0.25  # 8 global tokens: code 1 only
+
+
+def test_counts_are_kept_back_for_the_step_without_restarts_and_reduced_per_forward_with_them():
+    calls = []
+    q = VectorQuantizer(4, 2).train()
+    q.reduce_fn = lambda t: calls.append(t.shape) or t
+    z = torch.randn(1, 2, 2, 2)
+    q(z)
+    q(z)
+    assert calls == [] and float(q.take_step_counts().sum()) == 8  # two forwards of 4 vectors, no collective
+    r = VectorQuantizer(4, 2, dead_code_threshold=0.5).train()
+    r.reduce_fn = lambda t: calls.append(t.shape) or t
+    r(z)
+    assert calls and r.take_step_counts() is None  # restarts need the global counts in the forward
 
 
 def test_window_usage_is_not_saved_and_defaults_from_the_config():

@@ -53,7 +53,7 @@ def mine(signum, frame):
 signal.signal(signal.SIGTERM, mine)
 from taming_dist.tasks.vqgan import VQGANTask
 
-def broken_step(self, micro, step):
+def broken_step(self, micro, step, sync=None):
     raise RuntimeError("boom in the step")
 
 VQGANTask.train_step = broken_step

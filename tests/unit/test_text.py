@@ -213,3 +213,35 @@ def test_condition_kinds_are_objects_and_checked():
         cfg.validate()
     json.dumps(model.condition.record())
     assert GPT  # the GPT is built through the condition's gpt_config
+
+
+def test_prompt_accuracy_scores_real_images_against_their_captions_and_not_against_others():
+    from taming_dist.data.synthetic import generate
+    from taming_dist.eval.prompts import prompt_hits
+
+    images, _ = generate(48, 32, 12, seed=1)  # held-out split, with its own captions
+    texts = captions(48, 12, seed=1)
+    own = prompt_hits(images, texts)
+    assert own["scored"] == 48 and own["colours"] == 48 and own["shape"] >= 0.8 * 48
+    shuffled = prompt_hits(images, texts[1:] + texts[:1])
+    assert shuffled["all"] <= 0.2 * 48
+    assert prompt_hits(images[:2], ["a photo of a cat", texts[1]])["unparsed"] == 1
+
+
+def test_eval_gen_samples_a_prompts_file_and_reports_prompt_accuracy_and_clip_score(tmp_path, encoders, capsys):
+    from taming_dist.cli import main
+    from taming_dist.weights.folder import save_model_folder
+
+    model = _tiny_t2i(class_dropout=0.1)
+    save_model_folder(tmp_path / "model", "transformer", model.config, model.state_dict())
+    clip = build_tiny_encoder(str(tmp_path / "clip"), captions(240, 12), kind="clip", width=WIDTH, with_vision=True)
+    (tmp_path / "prompts.txt").write_text("a red circle on a blue background\n# a comment\nyellow dots on a black background\n")
+    out = tmp_path / "gen.json"
+    assert main(["eval-gen", str(tmp_path / "model"), "--prompts", str(tmp_path / "prompts.txt"), "--text-encoder",
+                 encoders["t5"], "--clip", clip, "--per-prompt", "2", "--cfg-scale", "2.0", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["prompts"] == 2 and r["samples"] == 4
+    assert 0 <= r["prompt_accuracy"] <= r["shape_accuracy"] <= 1 and 0 <= r["colour_accuracy"] <= 1
+    assert 0 <= r["clip_score"] <= 100
+    assert main(["eval-gen", str(tmp_path / "model"), "--prompts", str(tmp_path / "prompts.txt")]) == 2
+    assert "--text-encoder" in capsys.readouterr().err

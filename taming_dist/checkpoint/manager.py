@@ -79,6 +79,7 @@ class CheckpointManager:
         self.async_save = async_save
         self._pending: Future | None = None
         self._group = None
+        self._stager = None  # DCP's staging buffers, kept from one asynchronous save to the next
         self.last_write_s = 0.0  # seconds from the last save's call until it was complete on this rank
         if async_save:
             if engine.kind == "deepspeed":
@@ -131,7 +132,7 @@ class CheckpointManager:
         if self.async_save:
             with single_process_dcp_quiet():
                 written = dcp.async_save(state, checkpoint_id=str(tmp / "state"), process_group=self._group,
-                                         no_dist=not eng.env.is_distributed)
+                                         no_dist=not eng.env.is_distributed, async_stager=self._staging())
             self._pending = self._finisher.submit(self._finish_after, written, tmp, final, manifest, t0)
             return final
         with single_process_dcp_quiet():
@@ -142,6 +143,18 @@ class CheckpointManager:
         eng.barrier()
         self.last_write_s = time.perf_counter() - t0
         return final
+
+    def _staging(self):
+        """One DCP stager for all saves: it keeps a host copy of every tensor (pinned on CUDA) and
+        refills it on the next save instead of allocating the checkpoint's size again; reusing it is
+        safe because a save first waits for the previous write (which reads the copy)."""
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+        if self._stager is None:
+            self._stager = DefaultStager(StagingOptions(use_pinned_memory=torch.cuda.is_available(),
+                                                        use_shared_memory=False, use_async_staging=False,
+                                                        use_non_blocking_copy=False))
+        return self._stager
 
     def _finish_after(self, written: Future, tmp: Path, final: Path, manifest: dict, t0: float) -> None:
         written.result()  # on rank 0: every rank's part is written, and DCP's .metadata
@@ -162,8 +175,12 @@ class CheckpointManager:
             pending.result()
 
     def close(self) -> None:
-        """Wait for the pending save on every rank (collective): then the checkpoint is published."""
+        """Wait for the pending save on every rank (collective): then the checkpoint is published.
+        Frees the staging buffers (a later save allocates them again)."""
         self.wait()
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
         self.engine.barrier()
 
     def _prune(self) -> None:

@@ -22,23 +22,9 @@ import yaml
 from taming_dist.atomic import atomic_path
 from taming_dist.checkpoint.convert import consolidate, resolve_checkpoint
 from taming_dist.config import RunConfig, load_config
+from taming_dist.models.quantize import inference_state
 
 FORMATS = ("taming_dist", "taming", "diffusers", "transformers", "hf-pipeline", "onnx")
-
-# Quantizer state only training reads (k-means / dead-code restart bookkeeping, the EMA kind's
-# statistics); the original VectorQuantizer2 has none of it and loads strictly without it.
-TRAINING_ONLY = ("code_offset", "code_usage", "kmeans_done", "ema_cluster_size", "ema_embed_sum")
-
-
-def inference_state(state_dict: dict, prefix: str = "quantize.") -> dict:
-    """A copy of a VQModel state dict (its quantizer under `prefix`) as inference reads it: the
-    k-means / restart `code_offset` folded into `embedding.weight` (`fold_code_offset`), then every
-    training-only quantizer buffer dropped."""
-    from taming_dist.models.quantize import fold_code_offset
-
-    sd = fold_code_offset(state_dict, prefix)
-    return {k: v for k, v in sd.items() if not (k.startswith(prefix) and k[len(prefix):] in TRAINING_ONLY)}
-
 
 def _run_config(ckpt: Path) -> RunConfig:
     for cand in (ckpt.parent.parent / "config.yaml", ckpt / "config.yaml"):

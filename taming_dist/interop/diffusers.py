@@ -127,7 +127,7 @@ def _is_attn_conv(key: str) -> bool:
 def to_diffusers(cfg: VQModelConfig, state_dict: dict) -> tuple[dict, dict]:
     """(diffusers config, diffusers state dict) of our VQModel's config and state dict. The k-means /
     restart offset is folded into the codebook; training-only quantizer buffers are dropped."""
-    from taming_dist.checkpoint.export import inference_state
+    from taming_dist.models.quantize import inference_state
 
     config = diffusers_config(cfg)
     n = len(cfg.ddconfig.ch_mult)

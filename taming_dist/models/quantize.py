@@ -675,5 +675,18 @@ def fold_code_offset(state_dict: dict, prefix: str = "quantize.") -> dict:
     return out
 
 
+# Quantizer state only training reads (k-means / dead-code restart bookkeeping, the EMA kind's
+# statistics): the original VectorQuantizer2, diffusers' VectorQuantizer and an ONNX graph have none of it.
+TRAINING_ONLY = ("code_offset", "code_usage", "kmeans_done", "ema_cluster_size", "ema_embed_sum")
+
+
+def inference_state(state_dict: dict, prefix: str = "quantize.") -> dict:
+    """A copy of a VQModel state dict (its quantizer under `prefix`) as inference reads it:
+    `code_offset` folded into `embedding.weight` (`fold_code_offset`), then every training-only
+    quantizer buffer dropped."""
+    sd = fold_code_offset(state_dict, prefix)
+    return {k: v for k, v in sd.items() if not (k.startswith(prefix) and k[len(prefix):] in TRAINING_ONLY)}
+
+
 __all__ = ["VectorQuantizer", "EMAVectorQuantizer", "GumbelQuantize", "L2Quantizer", "FiniteScalarQuantizer",
-           "LookupFreeQuantizer", "entropy_groups", "build_quantizer", "fold_code_offset"]
+           "LookupFreeQuantizer", "entropy_groups", "build_quantizer", "fold_code_offset", "inference_state"]

@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import shlex
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +98,19 @@ def _read_marker(path: Path) -> dict | None:
         return {"step": "?"}
 
 
+def requeue_if_running(job_id: str) -> bool:
+    """`scontrol requeue` the job unless it already ended (cancelled, timed out): only a stop that
+    asked for a requeue (the warning signal, a preemption notice) gets one."""
+    p = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True)
+    state = next((w.split("=", 1)[1] for w in p.stdout.split() if w.startswith("JobState=")), "UNKNOWN")
+    if state != "RUNNING":
+        print(f"job {job_id} is {state}: not requeued", flush=True)
+        return False
+    subprocess.run(["scontrol", "requeue", job_id], check=True)
+    print(f"requeued job {job_id}: it resumes from the latest checkpoint when it starts again", flush=True)
+    return True
+
+
 def after_srun(status: int, run_dir: str | Path, max_failures: int, environ=None, requeue=None) -> int:
     """Apply `decide` for the job in `environ` (default os.environ); returns the batch shell's exit
     status. `requeue(job_id) -> bool` defaults to `scontrol requeue` when the job still runs."""
@@ -115,7 +129,7 @@ def after_srun(status: int, run_dir: str | Path, max_failures: int, environ=None
         _append_log(run_dir, d.message)
     if d.action == "requeue":
         if requeue is None:
-            from taming_dist.launch.submitit_launcher import requeue_if_running as requeue
+            requeue = requeue_if_running
         requeue(job_id)
     return d.exit_status
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -79,19 +78,6 @@ class _HeldSignals:
             time.sleep(poll_s)
         for signum in self.pending:
             os.kill(os.getpid(), signum)
-
-
-def requeue_if_running(job_id: str) -> bool:
-    """`scontrol requeue` the job unless it already ended (cancelled, timed out): only a stop that
-    asked for a requeue (the warning signal, a preemption notice) gets one."""
-    p = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True)
-    state = next((w.split("=", 1)[1] for w in p.stdout.split() if w.startswith("JobState=")), "UNKNOWN")
-    if state != "RUNNING":
-        print(f"job {job_id} is {state}: not requeued", flush=True)
-        return False
-    subprocess.run(["scontrol", "requeue", job_id], check=True)
-    print(f"requeued job {job_id}: it resumes from the latest checkpoint when it starts again", flush=True)
-    return True
 
 
 @dataclass

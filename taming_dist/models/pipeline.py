@@ -54,28 +54,8 @@ def generate_image(vqgan: VQModel, transformer: Transformer, condition: Conditio
     return vqgan.decode_code(codes, shape=transformer.latent_shape).clamp(-1, 1)
 
 
-@torch.no_grad()
 def transform(vqgan: VQModel, transformer: Transformer, image: torch.Tensor, condition: Condition,
               strength: float = 0.8, seed: Optional[int] = None, **sample_kwargs) -> torch.Tensor:
     """Keep the first round((1 - strength) * N) codes of `image` in raster order and re-sample the
-    rest given them and `condition` (the top rows of the image are kept, the rest re-imagined).
-
-    strength 0 returns the reconstruction `vqgan.decode_code(codes)`; strength 1 is a fresh sample
-    that does not depend on the image. `seed` makes the result reproducible (or pass `generator`).
-    """
-    if not 0.0 <= strength <= 1.0:
-        raise ValueError(f"strength {strength} must lie in [0, 1] (0 keeps the image, 1 re-samples every token)")
-    if seed is not None:
-        if "generator" in sample_kwargs:
-            raise ValueError("pass either seed or generator, not both")
-        sample_kwargs["generator"] = torch.Generator(device=image.device).manual_seed(seed)
-    grid = vqgan.encode_to_indices(image)  # (B, h, w)
-    if tuple(grid.shape[1:]) != tuple(transformer.latent_shape):
-        raise ValueError(f"the image encodes to a {tuple(grid.shape[1:])} token grid, the transformer models "
-                         f"{tuple(transformer.latent_shape)}; resize the image to the first stage's resolution")
-    codes = grid.flatten(1)  # (B, N)
-    n = codes.shape[1]
-    keep = round((1.0 - strength) * n)
-    if keep < n:
-        codes = transformer.sample(condition, prefix=codes[:, :keep], num_steps=n - keep, **sample_kwargs)
-    return vqgan.decode_code(codes, shape=transformer.latent_shape).clamp(-1, 1)
+    rest given them and `condition` with `vqgan` as the first stage: `Transformer.transform`."""
+    return transformer.transform(image, condition, strength, vqgan=vqgan, seed=seed, **sample_kwargs)

@@ -141,12 +141,33 @@ class Transformer(nn.Module):
                        vocab_limit=self.first_stage_model.config.quantizer.n_embed)
         return torch.cat([prefix, new], dim=1)  # (B, P + num_steps)
 
-    def transform(self, image: torch.Tensor, condition: Condition, strength: float = 0.8, **kwargs) -> torch.Tensor:
-        """Re-sample part of `image`'s tokens through this model's own first stage: see
-        `taming_dist.models.pipeline.transform` (seed, sampling options)."""
-        from taming_dist.models.pipeline import transform  # pipeline imports this module
+    @torch.no_grad()
+    def transform(self, image: torch.Tensor, condition: Condition, strength: float = 0.8, *,
+                  vqgan: VQModel | None = None, seed: int | None = None, **sample_kwargs) -> torch.Tensor:
+        """Keep the first round((1 - strength) * N) codes of `image` in raster order and re-sample the
+        rest given them and `condition` (the top rows of the image are kept, the rest re-imagined),
+        through `vqgan` (default: this model's own first stage).
 
-        return transform(self.first_stage_model, self, image, condition, strength, **kwargs)
+        strength 0 returns the reconstruction `vqgan.decode_code(codes)`; strength 1 is a fresh sample
+        that does not depend on the image. `seed` makes the result reproducible (or pass `generator`).
+        """
+        vqgan = self.first_stage_model if vqgan is None else vqgan
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength {strength} must lie in [0, 1] (0 keeps the image, 1 re-samples every token)")
+        if seed is not None:
+            if "generator" in sample_kwargs:
+                raise ValueError("pass either seed or generator, not both")
+            sample_kwargs["generator"] = torch.Generator(device=image.device).manual_seed(seed)
+        grid = vqgan.encode_to_indices(image)  # (B, h, w)
+        if tuple(grid.shape[1:]) != tuple(self.latent_shape):
+            raise ValueError(f"the image encodes to a {tuple(grid.shape[1:])} token grid, the transformer models "
+                             f"{tuple(self.latent_shape)}; resize the image to the first stage's resolution")
+        codes = grid.flatten(1)  # (B, N)
+        n = codes.shape[1]
+        keep = round((1.0 - strength) * n)
+        if keep < n:
+            codes = self.sample(condition, prefix=codes[:, :keep], num_steps=n - keep, **sample_kwargs)
+        return vqgan.decode_code(codes, shape=self.latent_shape).clamp(-1, 1)
 
     @classmethod
     def from_pretrained(cls, folder) -> "Transformer":

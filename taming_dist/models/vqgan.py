@@ -83,14 +83,12 @@ class VQModel(nn.Module):
 
     def transform(self, image: torch.Tensor, condition, strength: float = 0.8, *, transformer=None,
                   **kwargs) -> torch.Tensor:
-        """Re-sample part of `image`'s tokens with `transformer`, a Transformer over this model's codes:
-        see `taming_dist.models.pipeline.transform` (seed, sampling options)."""
+        """Re-sample part of `image`'s tokens with `transformer`, a Transformer over this model's codes,
+        through this model: see `Transformer.transform` (seed, sampling options)."""
         if transformer is None:
             raise ValueError("VQModel.transform needs transformer=, the Transformer that models this VQModel's "
                              "codes (or call transformer.transform(image, condition), which uses its own first stage)")
-        from taming_dist.models.pipeline import transform  # pipeline imports this module
-
-        return transform(self, transformer, image, condition, strength, **kwargs)
+        return transformer.transform(image, condition, strength, vqgan=self, **kwargs)
 
     def forward(self, x: torch.Tensor):
         quant, qloss, info = self.encode(x)

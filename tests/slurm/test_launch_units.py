@@ -14,7 +14,8 @@ import pytest
 
 from taming_dist.launch.requeue import decide
 from taming_dist.launch.sbatch import SlurmResources, log_path, parse_extra_sbatch, render_script, write_script
-from taming_dist.launch.submitit_launcher import _HeldSignals, dist_environ, requeue_if_running
+from taming_dist.launch.requeue import requeue_if_running
+from taming_dist.launch.submitit_launcher import _HeldSignals, dist_environ
 from tests.distributed.util import REPO
 
 

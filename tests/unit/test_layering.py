@@ -93,6 +93,25 @@ def test_no_import_cycles_between_subpackages():
     assert find_cycle(package_graph()) is None, find_cycle(package_graph())
 
 
+def file_graph(package: str) -> dict[str, set[str]]:
+    """File -> the files of the same sub-package it imports (module-level and lazy imports alike)."""
+    edges: dict[str, set[str]] = {}
+    for f in (PKG / package).glob("*.py"):
+        for m in _imports(f):
+            parts = m.split(".")
+            if parts[:2] == ["taming_dist", package] and len(parts) > 2 and parts[2] != f.stem:
+                edges.setdefault(f.stem, set()).add(parts[2])
+    return edges
+
+
+def test_no_import_cycles_between_files_of_one_package():
+    packages = sorted(d.name for d in PKG.iterdir() if d.is_dir() and (d / "__init__.py").exists())
+    assert {"models", "launch", "engines"} <= set(packages)
+    cycles = {p: c for p in packages if (c := find_cycle(file_graph(p)))}
+    assert not cycles, f"import cycles between files (a lazy import inside a function counts too): {cycles}"
+    assert "vqgan" in file_graph("models")["transformer"]  # the graph sees the package's own imports
+
+
 def test_the_cycle_check_can_fail():
     assert find_cycle({"models": {"checkpoint"}, "checkpoint": {"models"}}) == ["checkpoint", "models", "checkpoint"]
     assert find_cycle({"a": {"b"}, "b": {"c"}}) is None

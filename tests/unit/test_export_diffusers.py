@@ -158,3 +158,26 @@ def test_refuses_blocks_that_do_not_fit(tmp_path, capsys):
     assert main(["import-diffusers", str(tmp_path / "hf"), str(tmp_path / "ours")]) == 2
     assert "attention levels" in capsys.readouterr().err
     assert not (tmp_path / "ours").exists()
+
+
+@pytest.mark.slow
+def test_an_imported_diffusers_vqmodel_trains_with_init_from(tmp_path):
+    """A diffusers-made VQModel shaped like vqgan-tiny -> import-diffusers -> `train vqgan-tiny
+    init_from=OUT` (the single engine, in-process): training starts from its weights. (init_from
+    itself is engine-independent and tested into FSDP2 and ZeRO-3 in tests/e2e/test_convert_export.py.)"""
+    torch.manual_seed(0)
+    dmodel = diffusers.VQModel(down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D", "AttnDownEncoderBlock2D"],
+                               up_block_types=["AttnUpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"],
+                               block_out_channels=[32, 64, 64], layers_per_block=1, latent_channels=32,
+                               num_vq_embeddings=128, vq_embed_dim=32, sample_size=32)
+    dmodel.save_pretrained(str(tmp_path / "hf"))
+    assert main(["import-diffusers", str(tmp_path / "hf"), str(tmp_path / "init")]) == 0
+    assert main(["train", "vqgan-tiny", f"out_dir={tmp_path}", "name=r", f"init_from={tmp_path / 'init'}",
+                 "train.steps=1", "train.global_batch_size=2", "train.image_every=0", "train.ckpt_every=1",
+                 "data.synthetic_samples=16", "logging.wandb_mode=disabled", "logging.progress=false"]) == 0
+    start = load_file(tmp_path / "init" / "model.safetensors")
+    trained = load_file(tmp_path / "r" / "model" / "model.safetensors")
+    fresh = VQModel(vq_config("vq", training_buffers=False, attn_resolutions=[8])).state_dict()
+    key = "encoder.conv_in.weight"
+    step = (trained[key] - start[key]).abs().max()
+    assert 0 < step < 1e-2 < (trained[key] - fresh[key]).abs().max()

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+from pathlib import Path
 
 # Subcommand name -> module under taming_dist.commands.
 COMMANDS = {
@@ -49,12 +51,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+TRACEBACK_ENV = "TAMING_DIST_TRACEBACK"
+
+
+def _raised_by_us(e: BaseException) -> bool:
+    """True when taming_dist's own code raised `e` (a check of a setting or an input, worded for the
+    user), False when it came out of a library or the interpreter (a bug to see in full)."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(Path(__file__).parent)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args._run(args) or 0)
     except (ValueError, FileNotFoundError) as e:
-        # Configuration and input errors: one clear line, no traceback.
+        # Configuration and input errors that our checks raise: one clear line, no traceback.
+        # The same types raised inside a library are internal errors: they keep their traceback
+        # (so does everything with TAMING_DIST_TRACEBACK=1).
+        if not _raised_by_us(e) or os.environ.get(TRACEBACK_ENV) == "1":
+            raise
         print(f"taming-dist {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -161,3 +161,26 @@ def test_actnorm_discriminator_is_refused_where_its_init_would_be_lost(engine):
 def test_engine_settings_are_checked(overrides, match):
     with pytest.raises(ValueError, match=match):
         load_config("vqgan-tiny", overrides)
+
+
+def test_user_errors_are_one_line_and_internal_errors_keep_their_traceback(monkeypatch, capsys):
+    """cli.main: a ValueError our own checks raise is one line (exit 2); the same type raised inside a
+    library is a bug and propagates with its traceback."""
+    import json
+
+    import taming_dist.commands.info as info
+    from taming_dist.cli import main
+
+    def ours(args):  # a check of taming_dist's raises
+        load_config("vqgan-tiny", ["engine.kind=x"])
+
+    monkeypatch.setattr(info, "run", ours)
+    assert main(["info"]) == 2
+    assert "taming-dist info: error: engine.kind 'x'" in capsys.readouterr().err
+    monkeypatch.setattr(info, "run", lambda args: json.loads("{"))  # a ValueError from inside the json module
+    with pytest.raises(json.JSONDecodeError):
+        main(["info"])
+    monkeypatch.setattr(info, "run", ours)
+    monkeypatch.setenv("TAMING_DIST_TRACEBACK", "1")
+    with pytest.raises(ValueError, match="engine.kind"):
+        main(["info"])

@@ -269,7 +269,6 @@ class DataConfig:
     max_corrupt_fraction: float = 0.01
     synthetic_samples: int = 4096
     synthetic_classes: int = 12
-    eval_path: str = ""
     split: str = "train"  # synthetic only: train | heldout (other seeds, the same classes)
 
     def validate(self) -> None:
@@ -382,7 +381,6 @@ class TrainConfig:
     # training stalls only for the copy. Not with engine.kind=deepspeed (its own files are written
     # synchronously by save_checkpoint).
     async_checkpoint: bool = False
-    eval_every: int = 0
     ema_decay: float = 0.0  # 0 = no EMA
     max_bad_steps: int = 5  # halt after this many non-finite steps in a row
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -184,3 +184,11 @@ def test_user_errors_are_one_line_and_internal_errors_keep_their_traceback(monke
     monkeypatch.setenv("TAMING_DIST_TRACEBACK", "1")
     with pytest.raises(ValueError, match="engine.kind"):
         main(["info"])
+
+
+@pytest.mark.parametrize("key", ["train.eval_every=100", "data.eval_path=/data/val"])
+def test_keys_nothing_reads_are_not_accepted(key):
+    """train.eval_every and data.eval_path were accepted and never read; held-out quality is measured
+    by `eval-recon` / `eval-gen` on a run's checkpoints. An unknown key is an error naming it."""
+    with pytest.raises(ValueError, match="unknown config key"):
+        load_config("vqgan-tiny", [key])

@@ -82,9 +82,9 @@ class CheckpointManager:
         self._stager = None  # DCP's staging buffers, kept from one asynchronous save to the next
         self.last_write_s = 0.0  # seconds from the last save's call until it was complete on this rank
         if async_save:
-            if engine.kind == "deepspeed":
-                raise ValueError("train.async_checkpoint=true is not supported with engine.kind=deepspeed (its model "
-                                 "and optimizer are written by DeepSpeed's own synchronous save_checkpoint); set "
+            if not engine.supports_async_checkpoint:
+                raise ValueError(f"train.async_checkpoint=true is not supported with engine.kind={engine.kind} (its "
+                                 "model and optimizer files are written by the engine's own synchronous save); set "
                                  "train.async_checkpoint=false")
             if engine.env.is_distributed:
                 import torch.distributed as dist
@@ -126,8 +126,7 @@ class CheckpointManager:
             tmp.mkdir()
         eng.barrier()
         eng.save_native(str(tmp), units)
-        manifest = {"format": FORMAT, "version": VERSION, "step": step, "engine": eng.kind,
-                    "zero_stage": getattr(eng.cfg, "zero_stage", None) if eng.kind == "deepspeed" else None,
+        manifest = {"format": FORMAT, "version": VERSION, "step": step, "engine": eng.kind, **eng.manifest_fields(),
                     "world_size": eng.world_size, "units": list(units)}
         if self.async_save:
             with single_process_dcp_quiet():
@@ -202,16 +201,20 @@ class CheckpointManager:
         if sorted(manifest["units"]) != sorted(units):
             raise ValueError(f"{path} holds units {manifest['units']} but this run has {list(units)}: "
                              "it is a checkpoint of the other stage")
-        for part in state.values():
-            if isinstance(part, PerRank):
-                part.resume_from(manifest["world_size"], eng.world_size)
-        eng.load_native(str(path), units)
-        if manifest["version"] == 2:
-            _load_v2(path, state, eng, same_world=manifest["world_size"] == eng.world_size)
-            return manifest
-        wanted = {k: v for k, v in state.items() if not (isinstance(v, PerRank) and v.skipped)}
-        with single_process_dcp_quiet():
-            dcp.load(wanted, checkpoint_id=str(path / "state"))
+        per_rank = [part for part in state.values() if isinstance(part, PerRank)]
+        for part in per_rank:
+            part.resume_from(manifest["world_size"], eng.world_size)
+        try:
+            eng.load_native(str(path), units)
+            if manifest["version"] == 2:
+                _load_v2(path, state, eng, same_world=manifest["world_size"] == eng.world_size)
+            else:
+                wanted = {k: v for k, v in state.items() if not (isinstance(v, PerRank) and v.skipped)}
+                with single_process_dcp_quiet():
+                    dcp.load(wanted, checkpoint_id=str(path / "state"))
+        finally:
+            for part in per_rank:  # the next save writes each rank's own state under its own key
+                part.resume_from(eng.world_size, eng.world_size)
         return manifest
 
 

@@ -64,6 +64,22 @@ def test_version_2_checkpoint_still_converts():
             assert float(v.double().sum()) == pytest.approx(sums[f"transformer.{k}"], rel=1e-9, abs=1e-12), k
 
 
+def test_after_a_resharded_load_each_rank_saves_under_its_own_key_again(tmp_path):
+    """A checkpoint of 2 ranks read by a rank 1 of another world size: it takes rank 0's data position
+    and skips the RNG, and its next save writes its own position under its own key, not rank 0's."""
+    e, u, mgr, state = _saved(tmp_path)
+    path = mgr.save(1, state)
+    manifest = json.loads((path / "manifest.json").read_text())
+    (path / "manifest.json").write_text(json.dumps({**manifest, "world_size": 2}))
+    data = FakeStream()
+    again = training_state(e, {"m": u}, TrainState(), data=data)
+    again["data"].rank = again["rng"].rank = 1  # as rank 1 of the new run would be
+    rng_before = torch.get_rng_state()
+    mgr.load(path, again)
+    assert data.position["batches"] == 7 and torch.equal(torch.get_rng_state(), rng_before)
+    assert list(again["data"].state_dict()) == list(again["rng"].state_dict()) == ["rank00001"]
+
+
 def test_unknown_format_version_is_refused_naming_it(tmp_path):
     e, u, mgr, state = _saved(tmp_path)
     path = mgr.save(1, state)

@@ -10,8 +10,9 @@ exported, as the index rule is each kind's own code.
 Exporter: torch.onnx.export's default in torch 2.14, the torch.export-based one (`dynamo=True`,
 through onnxscript), with the batch declared as a `torch.export.Dim`. The TorchScript exporter
 (`dynamo=False`) also writes graphs that ONNX Runtime runs to the same codes, and is faster on tiny
-nets but not on a full-size one (vqgan-f16-16384: 76 s against 97 s, 2 shared CPU cores); torch
-marks it deprecated and to be removed, and its trace only warns (not fails) where a tensor turns
+nets but not on a full-size one (vqgan-f16-16384 on 2 CPU cores: 60 s for its two graphs, against
+46 s for the whole dynamo export, checks included; tools/bench_export.py); torch marks it deprecated
+and to be removed, and its trace only warns (not fails) where a tensor turns
 into a Python value. Opset 18, the dynamo exporter's own: asking it for 17 fails to down-convert
 the encoder's asymmetric `Pad`.
 """

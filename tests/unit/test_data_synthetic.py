@@ -40,7 +40,7 @@ def test_classes_are_distinguishable():
 def test_ensure_synthetic_writes_shards_once(tmp_path):
     cfg = DataConfig(size=32, synthetic_samples=240, synthetic_classes=12)
     folder = ensure_synthetic(cfg, cache_dir=str(tmp_path))
-    assert os.path.basename(folder) == "synthetic-32-240-12-v2"
+    assert os.path.basename(folder) == "synthetic-32-240-12-v3"
     m = read_manifest(folder)
     assert m["total"] == 240 and m["class_names"] == list(CLASS_NAMES) and m["class_counts"] == [20] * 12
     assert verify_shards(folder).ok
@@ -70,7 +70,7 @@ def test_concurrent_first_use(tmp_path):
         folders = pool.map(_call, [str(tmp_path)] * 3)
     assert len(set(folders)) == 1
     assert read_manifest(folders[0])["total"] == 600
-    assert sorted(os.listdir(tmp_path)) == ["synthetic-16-600-12-v2"]
+    assert sorted(os.listdir(tmp_path)) == ["synthetic-16-600-12-v3"]
 
 
 def test_losing_the_race_uses_the_winners_folder(tmp_path, monkeypatch):
@@ -89,7 +89,7 @@ def test_losing_the_race_uses_the_winners_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(syn, "_write", write_while_another_process_finishes_first)
     folder = syn.ensure_synthetic(cfg, cache_dir=str(tmp_path))
     assert os.path.exists(os.path.join(folder, "winner"))
-    assert os.listdir(tmp_path) == ["synthetic-16-24-4-v2"]
+    assert os.listdir(tmp_path) == ["synthetic-16-24-4-v3"]
 
 
 def test_captions_name_the_class_and_the_palette_colours_of_every_image(tmp_path):
@@ -115,3 +115,16 @@ def test_captions_name_the_class_and_the_palette_colours_of_every_image(tmp_path
     texts = {s["__key__"]: s["txt"].decode() for s in tar_samples([{"url": os.path.join(folder, n)} for n in names],
                                                                    lambda e: False)}
     assert [texts[k] for k in sorted(texts)] == captions(24, 12, seed=1)
+
+
+def test_unseen_combinations_are_left_out_of_the_train_split_only():
+    """Issue 25: the demo prompts shape-colour combinations the train split never draws; the
+    held-out split draws them."""
+    from taming_dist.data.synthetic import _RGB, COLOUR_NAMES, MIN_COLOUR_DISTANCE, UNSEEN, caption, captions
+
+    unseen = {caption(CLASS_NAMES.index(s), COLOUR_NAMES.index(f), COLOUR_NAMES.index(b)) for s, f, b in UNSEEN}
+    for _, f, b in UNSEEN:  # drawable at all: the two colours are far enough apart
+        assert np.linalg.norm(_RGB[COLOUR_NAMES.index(f)] - _RGB[COLOUR_NAMES.index(b)]) >= MIN_COLOUR_DISTANCE
+    train, heldout = captions(4096, 12, seed=0), captions(4096, 12, seed=1)
+    assert not unseen & set(train)
+    assert len(unseen & set(heldout)) >= len(UNSEEN) // 2  # about 4 images of each in 4096

@@ -35,7 +35,8 @@ def prompt_hits(images: np.ndarray, prompts: Sequence[str], device="cpu") -> dic
     out = {"scored": len(keep), "unparsed": len(prompts) - len(keep), "shape": 0, "colours": 0, "all": 0}
     if not keep:
         return out
-    model, _ = load_classifier(device=device)
+    with torch.enable_grad():  # trained on first use (then cached), even when called under no_grad
+        model, _ = load_classifier(device=device)
     pred = _outputs(model, images[keep], device)[1].argmax(1).cpu().numpy()
     for j, i in enumerate(keep):
         label, fg, bg = parsed[i]

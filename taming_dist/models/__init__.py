@@ -1,5 +1,6 @@
 """Single-device model code: VQModel (the VQGAN tokenizer), Transformer (GPT over its codes), and
-the inference helpers generate_image and get_condition (pipeline.py).
+the inference helpers generate_image and get_condition (pipeline.py); TextContext, the condition of
+a text-conditioned model (conditions.py).
 
 Nothing here imports torch.distributed, deepspeed or the engines (tests/unit/test_layering.py).
 Exports resolve lazily so that importing one submodule does not build the others.
@@ -7,7 +8,7 @@ Exports resolve lazily so that importing one submodule does not build the others
 import importlib
 
 _EXPORTS = {"VQModel": "vqgan", "Transformer": "transformer", "GPT": "gpt", "NLayerDiscriminator": "discriminator",
-            "generate_image": "pipeline", "get_condition": "pipeline"}
+            "generate_image": "pipeline", "get_condition": "pipeline", "TextContext": "conditions"}
 
 
 def __getattr__(name):

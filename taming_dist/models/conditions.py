@@ -158,8 +158,11 @@ class Conditioning:
             raise ValueError(f"classes were given but the model is not class-conditional "
                              f"(condition.kind={self.kind})")
         if self.wants is not None:
-            raise ValueError(f"sampling at scale draws unconditional, class- and text-conditional samples; this "
-                             f"model is conditioned on {self.kind!r}: call Transformer.sample with your conditions")
+            raise ValueError(f"sampling at scale (--num-samples) draws unconditional and class-conditional samples; "
+                             f"this model is conditioned on {self.kind!r}: " + (
+                                 "sample it from prompts with `sample --prompts FILE --text-encoder DIR` or "
+                                 "`eval-gen MODEL --prompts FILE --text-encoder DIR` (every rank its share)"
+                                 if self.wants == "prompts" else "call Transformer.sample with your conditions"))
         return None
 
     def record(self) -> dict:

@@ -71,10 +71,9 @@ def test_greedy_generate_gives_our_greedy_tokens(exported):
     assert torch.equal(out[:, prompt.shape[1]:], ours)
 
 
+@pytest.mark.parametrize("exported", ["class"], indirect=True)  # the kind with a null condition
 def test_guidance_through_transformers_gives_our_guided_logits(exported):
     kind, model, gpt2, _, _ = exported
-    if kind != "class":
-        pytest.skip("a null condition (classifier-free guidance) exists for the class kind here")
     scale, null = 3.0, model.config.condition.n_classes
     labels, prompt = condition_of(model, kind)
     neg = torch.full_like(prompt, null)

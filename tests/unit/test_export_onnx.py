@@ -71,10 +71,11 @@ def test_vq_tokenizer_runs_in_onnx_runtime_with_any_batch(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["gumbel", "fsq", "lfq"])
+@pytest.mark.parametrize("kind", ["gumbel", "l2", "fsq", "lfq"])
 def test_other_quantizers_export_too(tmp_path, kind):
     cfg = vq_config("vq", training_buffers=False)
     cfg.quantizer = {"gumbel": QuantizerConfig(kind="gumbel", n_embed=128, embed_dim=16),
+                     "l2": QuantizerConfig(kind="l2", n_embed=128, embed_dim=16),
                      "fsq": QuantizerConfig(kind="fsq", levels=[8, 4, 4], n_embed=128, embed_dim=3),
                      "lfq": QuantizerConfig(kind="lfq", codebook_dim=7, n_embed=128, embed_dim=7)}[kind]
     model = trained_vqgan(cfg)

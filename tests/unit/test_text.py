@@ -7,6 +7,7 @@ built-in captions (taming_dist/text/tiny.py) and saved with save_pretrained: not
 import io
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -53,7 +54,7 @@ def test_missing_encoder_folder_or_tokenizer_says_which_files_are_expected(tmp_p
     partial = tmp_path / "partial"
     partial.mkdir()
     for name in ("config.json", "model.safetensors"):
-        (partial / name).write_bytes(open(os.path.join(encoders["t5"], name), "rb").read())
+        shutil.copy(os.path.join(encoders["t5"], name), partial / name)
     with pytest.raises(ValueError, match="has no a tokenizer .*tokenizer.json.*spiece.model"):
         TextEncoder.load(str(partial))
 

@@ -1,64 +1,150 @@
-HELP = ("the main job: train a tiny VQGAN, then a tiny class-conditional transformer on its codes, "
-        "on the built-in dataset (CPU, a few minutes), and write sample grids and a report page (report.html)")
+HELP = ("the main job: on the built-in captioned shapes, train a tiny VQGAN and then a tiny text-conditioned "
+        "transformer on its codes, each on FSDP2 under torchrun (2 CPU ranks, or every GPU), sample from typed "
+        "prompts (some never seen in training), and write overview.png, report.json and report.html")
 EXAMPLE = "taming-dist demo --out runs/demo"
 
 # What the demo adds to vqgan-tiny (README, "What `make demo` shows"): k-means initialisation of the
 # codebook and restarts of codes whose usage EMA falls below 0.3 of an average code keep every code
-# in use (76% of them without).
-VQGAN_OVERRIDES = ["vqgan.quantizer.kmeans_init=true", "vqgan.quantizer.dead_code_threshold=0.3"]
-# Samples: top-k 32 with classifier-free guidance at scale 3 (transformer-tiny trains with
-# class_dropout 0.1 for it); on one demo run guidance at scales 2-4 raised the share of samples of
-# their own class from 19% to 30-33%.
+# in use (76% of them without). No GAN term: in a few hundred steps it costs PSNR and the
+# discriminator's own step, and these flat-coloured shapes need no texture from it.
+VQGAN_OVERRIDES = ["vqgan.quantizer.kmeans_init=true", "vqgan.quantizer.dead_code_threshold=0.3",
+                   "loss.disc_start=1000000000"]
+TRANSFORMER_OVERRIDES = []
+# The tiny T5 the captions are encoded with (taming_dist/text/tiny.py): a word-level tokenizer over
+# the built-in captions, random weights (still a distinct feature sequence per caption), 32 wide,
+# at most 16 tokens (the longest caption, "yellow horizontal stripes on a purple background </s>",
+# has 9).
+TEXT_WIDTH, TEXT_TOKENS = 32, 16
+# Samples: top-k 32 with classifier-free guidance at scale 3 (transformer-text-tiny drops the caption
+# with probability 0.1 for it).
 SAMPLING = {"top_k": 32, "cfg_scale": 3.0}
+# On a GPU machine the same wall time trains this many times longer (issue 25).
+GPU_STEP_FACTOR = 8
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--out", default="runs/demo", help="folder for both runs and the sample grids")
+    parser.add_argument("--out", default="runs/demo", help="folder for both runs, the text encoder and the report")
     parser.add_argument("--vqgan-steps", type=int, default=None, help="override the vqgan-tiny preset's steps")
     parser.add_argument("--transformer-steps", type=int, default=None,
-                        help="override the transformer-tiny preset's steps")
-    parser.add_argument("overrides", nargs="*", help="extra key=value overrides for both runs (e.g. logging.wandb_mode=disabled)")
+                        help="override the transformer-text-tiny preset's steps")
+    parser.add_argument("--per-prompt", type=int, default=16,
+                        help="samples per prompt that are scored (the overview shows 4 of each)")
+    parser.add_argument("--nproc", type=int, default=None,
+                        help="ranks per stage (default: every GPU, or 2 CPU ranks on a machine without one)")
+    parser.add_argument("overrides", nargs="*",
+                        help="extra key=value overrides for both runs (e.g. logging.wandb_mode=disabled)")
+
+
+def demo_prompts() -> tuple[list[str], list[str]]:
+    """(seen, unseen) prompts: per class the first two held-out captions whose combination the train
+    split draws, and the captions of every combination it never draws (synthetic.UNSEEN)."""
+    from taming_dist.data.synthetic import (CLASS_NAMES, COLOUR_NAMES, SPLIT_SEEDS, UNSEEN, caption, captions,
+                                            parse_caption)
+
+    train = set(captions(4096, len(CLASS_NAMES), seed=SPLIT_SEEDS["train"]))
+    held = [c for c in dict.fromkeys(captions(4096, len(CLASS_NAMES), seed=SPLIT_SEEDS["heldout"])) if c in train]
+    seen = [c for label in range(len(CLASS_NAMES)) for c in [c for c in held if parse_caption(c)[0] == label][:2]]
+    unseen = [caption(CLASS_NAMES.index(s), COLOUR_NAMES.index(f), COLOUR_NAMES.index(b)) for s, f, b in UNSEEN]
+    return seen, unseen
+
+
+def _launch(nproc: int, *argv: str) -> None:
+    """One stage on `nproc` ranks under torchrun (a free rendezvous port on this machine)."""
+    import os
+    import subprocess
+    import sys
+
+    # torchrun would set one thread per rank and warn about it; the cores split evenly says the same
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, os.cpu_count() // nproc)))}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "taming_dist", *argv]
+    print("$ " + " ".join(["torchrun", "--standalone", f"--nproc_per_node={nproc}", "-m", "taming_dist", *argv]),
+          flush=True)
+    code = subprocess.call(cmd, env=env)
+    if code != 0:
+        raise RuntimeError(f"`taming-dist {argv[0]}` on {nproc} ranks failed with exit status {code} (its output is "
+                           "above)")
 
 
 def run(args) -> int:
+    import time
     from pathlib import Path
 
     import torch
 
-    from taming_dist.checkpoint.pretrained import build_model_from_folder
     from taming_dist.config import load_config
-    from taming_dist.data.images import save_grid
-    from taming_dist.models.pipeline import generate_image
+    from taming_dist.data.synthetic import CLASS_NAMES, SPLIT_SEEDS, captions
     from taming_dist.report import write_report
-    from taming_dist.train.loop import train
 
+    t0 = time.perf_counter()
     out = Path(args.out)
-    common = [f"out_dir={out}", *args.overrides]
-    vq = load_config("vqgan-tiny", VQGAN_OVERRIDES + common + ["name=vqgan"] + (
-        [f"train.steps={args.vqgan_steps}"] if args.vqgan_steps else []))
-    print(f"== 1/5 training the VQGAN ({vq.train.steps} steps; vqgan-tiny with {' '.join(VQGAN_OVERRIDES)}) "
-          f"-> {out / 'vqgan'}", flush=True)
-    train(vq)
-    tr = load_config("transformer-tiny", common + ["name=transformer", f"first_stage_ckpt={out / 'vqgan' / 'model'}"] + (
-        [f"train.steps={args.transformer_steps}"] if args.transformer_steps else []))
-    print(f"== 2/5 training the transformer ({tr.train.steps} steps) -> {out / 'transformer'}", flush=True)
-    train(tr)
-    print(f"== 3/5 sampling one row per class (top_k {SAMPLING['top_k']}, cfg_scale {SAMPLING['cfg_scale']})",
-          flush=True)
-    model = build_model_from_folder(out / "transformer" / "model").eval()
-    gen = torch.Generator().manual_seed(0)
-    n_classes = tr.transformer.condition.n_classes
-    labels = torch.arange(n_classes).repeat_interleave(8)
-    images = generate_image(model.first_stage_model, model, labels, generator=gen, **SAMPLING)
-    save_grid(images, out / "samples.png", nrow=8)
-    print(f"wrote {out / 'samples.png'} (rows = classes 0..{n_classes - 1}); reconstructions and training "
-          f"samples are under {out}/*/images/")
-    print("== 4/5 quality on the held-out split", flush=True)
-    from taming_dist.eval.demo_report import demo_quality
+    gpu = torch.cuda.is_available()
+    nproc = args.nproc or (torch.cuda.device_count() if gpu else 2)
+    factor = GPU_STEP_FACTOR if gpu else 1
+    common = [f"out_dir={out}", "engine.kind=fsdp", *args.overrides]
+    vq_steps = args.vqgan_steps or load_config("vqgan-tiny").train.steps * factor
+    tr_steps = args.transformer_steps or load_config("transformer-text-tiny").train.steps * factor
+    device = f"{nproc} GPU ranks" if gpu else f"{nproc} CPU ranks"
+    encoder_dir = out / "text-encoder"
+    out.mkdir(parents=True, exist_ok=True)
 
-    demo_quality(model.first_stage_model, model, images.float().clamp(-1, 1), labels, out, sampling=SAMPLING)
+    print(f"== 1/6 a tiny T5 text encoder for the built-in captions -> {encoder_dir}", flush=True)
+    if not (encoder_dir / "config.json").exists():
+        from taming_dist.text.tiny import build_tiny_encoder
+
+        # every caption of both splits, so no prompt of the data's form has an unknown word
+        vocab = [c for seed in SPLIT_SEEDS.values() for c in captions(4096, len(CLASS_NAMES), seed=seed)]
+        build_tiny_encoder(str(encoder_dir), vocab, kind="t5", width=TEXT_WIDTH)
+
+    from taming_dist.eval.demo_report import write_examples
+
+    write_examples(out / "data.png")  # a held-out image of each class under its caption: what the demo learns
+    print(f"== 2/6 training the VQGAN on FSDP2, {device} ({vq_steps} steps; vqgan-tiny with "
+          f"{' '.join(VQGAN_OVERRIDES)}) -> {out / 'vqgan'}", flush=True)
+    _launch(nproc, "train", "vqgan-tiny", *VQGAN_OVERRIDES, *common, "name=vqgan", f"train.steps={vq_steps}")
+
+    codes = out / "codes"
+    print(f"== 3/6 codes and caption features of the train split -> {codes}", flush=True)
+    _launch(nproc, "extract-codes", str(out / "vqgan"), "synthetic", str(codes), "--text-encoder", str(encoder_dir),
+            "--max-text-tokens", str(TEXT_TOKENS))
+
+    print(f"== 4/6 training the text-conditioned transformer on FSDP2, {device} ({tr_steps} steps; "
+          f"transformer-text-tiny) -> {out / 'transformer'}", flush=True)
+    # The encoder's folder is recorded with the model, so `taming-dist sample runs/demo/transformer/model
+    # --prompt ...` finds it without --text-encoder.
+    _launch(nproc, "train", "transformer-text-tiny", *TRANSFORMER_OVERRIDES, *common, "name=transformer",
+            f"train.steps={tr_steps}", f"data.path={codes}", f"first_stage_ckpt={out / 'vqgan' / 'model'}",
+            f"transformer.condition.text_encoder={encoder_dir.resolve()}")
+    train_s = time.perf_counter() - t0
+
+    print(f"== 5/6 sampling {args.per_prompt} images per prompt (top_k {SAMPLING['top_k']}, cfg_scale "
+          f"{SAMPLING['cfg_scale']}) and quality on the held-out split", flush=True)
+    from taming_dist.checkpoint.pretrained import build_model_from_folder
+    from taming_dist.data.images import save_grid
+    from taming_dist.eval.demo_report import demo_quality
+    from taming_dist.models.pipeline import generate_image, get_condition
+    from taming_dist.text import TextEncoder
+
+    model = build_model_from_folder(out / "transformer" / "model").eval()
+    encoder = TextEncoder.load(str(encoder_dir))
+    seen, unseen = demo_prompts()
+    gen = torch.Generator().manual_seed(0)
+    prompts = seen + unseen
+    texts = [p for p in prompts for _ in range(args.per_prompt)]
+    with torch.no_grad():  # in batches of 240 samples: fewer decoding steps than one batch per prompt
+        images = torch.cat([generate_image(model.first_stage_model, model,
+                                           get_condition(model, texts[i:i + 240], text_encoder=encoder),
+                                           generator=gen, **SAMPLING).float() for i in range(0, len(texts), 240)])
+    samples = dict(zip(prompts, images.split(args.per_prompt)))
+    save_grid(torch.cat(list(samples.values())), str(out / "samples.png"), nrow=args.per_prompt)
+    print(f"wrote {out / 'samples.png'} (a row per prompt: {len(seen)} seen, then {len(unseen)} unseen combinations)")
+    demo_quality(model.first_stage_model, samples, seen, unseen, out, sampling=SAMPLING,
+                 timing={"train_and_extract_s": round(train_s, 1), "ranks": nproc,
+                         "device": "cuda" if gpu else "cpu", "vqgan_steps": vq_steps, "transformer_steps": tr_steps})
     print(f"wrote {out / 'report.json'} and {out / 'overview.png'}")
-    print("== 5/5 the report of both runs", flush=True)
+    print("== 6/6 the report of both runs", flush=True)
     report = write_report(out)
     print(f"wrote {report}: open file://{report.resolve()} in a browser (no server needed)")
+    print(f'try: taming-dist sample {out / "transformer" / "model"} --prompt "a yellow triangle on a purple '
+          f'background" --out t2i.png  (demo done in {time.perf_counter() - t0:.0f} s)')
     return 0

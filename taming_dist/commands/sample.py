@@ -48,6 +48,8 @@ def read_prompts(path: str) -> list[str]:
 
 
 def _grid(args, model) -> int:
+    import os
+
     import torch
 
     from taming_dist.data.images import save_grid
@@ -63,13 +65,17 @@ def _grid(args, model) -> int:
         if condition.wants != "prompts":
             raise ValueError(f"--prompt/--prompts given but the model's condition kind is "
                              f"{model.config.condition.kind!r} (text models take prompts)")
-        if not args.text_encoder:
+        # Without --text-encoder, the folder recorded with the model when it exists here (`make demo`
+        # records its encoder's path in condition.text_encoder).
+        recorded = model.config.condition.text_encoder
+        folder = args.text_encoder or (recorded if recorded and os.path.isdir(recorded) else None)
+        if not folder:
             raise ValueError("--prompt needs --text-encoder DIR: the encoder folder the model's text features came "
-                             f"from{' (' + model.config.condition.text_encoder + ')' if model.config.condition.text_encoder else ''}")
+                             f"from{' (' + recorded + ')' if recorded else ''}")
         from taming_dist.models.pipeline import get_condition
         from taming_dist.text import TextEncoder
 
-        encoder = TextEncoder.load(args.text_encoder, device=model.device)
+        encoder = TextEncoder.load(folder, device=model.device)
         for p in prompts:
             rows.append(generate_image(model.first_stage_model, model,
                                        get_condition(model, [p] * args.per_class, text_encoder=encoder), **kw))

@@ -37,17 +37,25 @@ def test_config_errors_are_one_clear_line():
 
 @pytest.mark.slow
 def test_demo_pipeline_sample_and_reconstruct(tmp_path):
+    from taming_dist.commands.demo import demo_prompts
+
     out = tmp_path / "demo"
-    p = cli("demo", "--out", str(out), "--vqgan-steps", "12", "--transformer-steps", "12",
+    p = cli("demo", "--out", str(out), "--vqgan-steps", "12", "--transformer-steps", "12", "--per-prompt", "2",
             "logging.wandb_mode=offline", "train.image_every=6", "train.ckpt_every=6", "logging.progress=false")
-    # the demo ends with its quality on the held-out split: table, report.json, overview.png, report.html
-    assert "quality on the held-out split (512 images; 96 samples)" in p.stdout and "reconstruction PSNR" in p.stdout
+    seen, unseen = demo_prompts()
+    assert len(seen) == 24 and len(unseen) == 6 and not set(seen) & set(unseen)
+    # the demo ends with its quality against the targets: table, report.json, overview.png, report.html
+    assert ("quality on the held-out split (512 images; 60 samples of 30 prompts, 6 of them unseen combinations)"
+            in p.stdout) and "reconstruction PSNR" in p.stdout and "unseen prompts: shape + colours" in p.stdout
     report = json.loads((out / "report.json").read_text())
     rec, samples = report["heldout_reconstruction"], report["samples"]
-    assert rec["images"] == 512 and 0 < rec["psnr"] < 60 and 0 < rec["usage"] <= 1 and samples["count"] == 96
-    assert 0 <= samples["class_accuracy"] <= 1 and len(samples["per_class_accuracy"]) == 12
+    assert rec["images"] == 512 and 0 < rec["psnr"] < 60 and 0 < rec["usage"] <= 1 and samples["count"] == 60
+    assert set(samples["unseen_prompts"]["per_prompt"]) == set(unseen)
+    assert "a yellow triangle on a purple background" in unseen
+    assert 0 <= samples["shape_accuracy"] <= 1 and 0 <= samples["unseen_prompts"]["prompt_accuracy"] <= 1
     assert samples["fd"] > samples["fd_real"] >= 0  # 12 steps: far from real images
     assert 0 <= rec["class_accuracy"] <= 1 and rec["class_accuracy_images"] == 240
+    assert report["targets"]["psnr"] == 26.0 and report["timing"]["ranks"] == 2
     # the demo's own settings are on: guided sampling, and k-means init of the codebook (its done flag)
     assert samples["sampling"] == {"top_k": 32, "cfg_scale": 3.0} and "cfg_scale 3.0" in p.stdout
     assert "kmeans_init=true" in p.stdout and "dead_code_threshold=0.3" in p.stdout
@@ -55,14 +63,16 @@ def test_demo_pipeline_sample_and_reconstruct(tmp_path):
     quantizer = yaml.safe_load((out / "vqgan" / "config.yaml").read_text())["vqgan"]["quantizer"]
     assert quantizer["kmeans_init"] is True and quantizer["dead_code_threshold"] == 0.3
     overview = Image.open(out / "overview.png")
-    assert overview.size[1] >= (2 + 12) * 2 * 32  # originals, reconstructions, a row per class, 2x scale
+    assert overview.size[1] >= 2 * 2 * 32 + 10 * 2 * 32  # originals, reconstructions, 10 rows of 3 prompts, 2x
     assert 'id="run-vqgan"' in (out / "report.html").read_text()
     grid = Image.open(out / "samples.png")
-    assert grid.size[0] > 8 * 32 and grid.size[1] > 12 * 32  # 12 classes x 8 samples of 32 px
+    assert grid.size[0] >= 2 * 32 and grid.size[1] > 30 * 32  # 30 prompts x 2 samples of 32 px
+    assert (out / "text-encoder" / "tokenizer.json").exists() and (out / "codes" / "manifest.json").exists()
     for stage, image in (("vqgan", "recon_000012.png"), ("transformer", "samples_000012.png")):
         run_dir = out / stage
         assert (run_dir / "images" / image).exists()
         assert (run_dir / "config.yaml").exists() and (run_dir / "model" / "model.safetensors").exists()
+        assert yaml.safe_load((run_dir / "config.yaml").read_text())["engine"]["kind"] == "fsdp"
         assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_000012"
         assert list((run_dir / "wandb").glob("offline-run-*")), "wandb offline data missing"
         rows = [json.loads(line) for line in open(run_dir / "log.txt") if line.startswith('{"step"')]
@@ -70,16 +80,19 @@ def test_demo_pipeline_sample_and_reconstruct(tmp_path):
         # accounting in every logged row: per-device and total rates, step time, data wait, ETA
         unit = "images" if stage == "vqgan" else "tokens"
         last = rows[-1]
-        assert last[f"{unit}_per_s"] > 0 and last[f"{unit}_per_s_per_device"] == last[f"{unit}_per_s"]  # 1 process
+        assert last[f"{unit}_per_s"] > 0
+        assert last[f"{unit}_per_s_per_device"] == pytest.approx(last[f"{unit}_per_s"] / 2)  # FSDP2 on 2 ranks
         assert last["step_s"] > 0 and 0 <= last["data_wait_frac"] < 1 and last["eta_s"] == 0
         assert "mfu" not in last  # no peak FLOP/s for a CPU
     # re-running resumes at the end: nothing retrained, same weights
     before = (out / "vqgan" / "model" / "model.safetensors").read_bytes()
-    cli("demo", "--out", str(out), "--vqgan-steps", "12", "--transformer-steps", "12", "logging.wandb_mode=disabled")
+    cli("demo", "--out", str(out), "--vqgan-steps", "12", "--transformer-steps", "12", "--per-prompt", "2",
+        "logging.wandb_mode=disabled")
     assert (out / "vqgan" / "model" / "model.safetensors").read_bytes() == before
-    p = cli("sample", str(out / "transformer"), "--classes", "0,5", "--per-class", "3", "--top-k", "16",
-            "--out", str(tmp_path / "s.png"))
-    assert "wrote 6 samples" in p.stdout and Image.open(tmp_path / "s.png").size[1] > 2 * 32
+    # the README's command: the text encoder is found from the model folder, no --text-encoder
+    p = cli("sample", str(out / "transformer" / "model"), "--prompt", "a yellow triangle on a purple background",
+            "--per-class", "3", "--out", str(tmp_path / "s.png"))
+    assert "wrote 3 samples" in p.stdout and Image.open(tmp_path / "s.png").size[0] > 2 * 32
     p = cli("reconstruct", str(out / "vqgan"), "--count", "4", "--out", str(tmp_path / "r.png"))
     assert "PSNR" in p.stdout and (tmp_path / "r.png").exists()
 

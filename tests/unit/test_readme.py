@@ -19,13 +19,13 @@ def readme_block(name: str) -> str:
 
 
 def test_readme_inference_example_runs(tmp_path):
-    # Untrained tiny models stand in for `make demo`'s folders: the block must run, not draw well.
+    # Untrained tiny models stand in for the runs of "Using it": the block must run, not draw well.
     cfg = load_config("transformer-tiny").transformer
     torch.manual_seed(0)
     model = Transformer(cfg)
-    save_model_folder(tmp_path / "vqgan" / "model", "vqgan", cfg.first_stage, model.first_stage_model.state_dict())
-    save_model_folder(tmp_path / "transformer" / "model", "transformer", cfg, model.state_dict())
-    code = readme_block("inference").replace("runs/demo", str(tmp_path))
+    save_model_folder(tmp_path / "vqgan-tiny" / "model", "vqgan", cfg.first_stage, model.first_stage_model.state_dict())
+    save_model_folder(tmp_path / "transformer-tiny" / "model", "transformer", cfg, model.state_dict())
+    code = readme_block("inference").replace("runs/", f"{tmp_path}/")
     scope: dict = {}
     exec(compile(code, "README.md", "exec"), scope)
     assert scope["condition"].tolist() == [0, 5, 7, 11]  # built-in indices of circle and checkerboard

@@ -46,6 +46,11 @@ def test_encoder_folders_load_as_downloaded_models_and_encode_with_lengths(encod
         assert feats.shape == (2, 10, WIDTH) and truncated == 1
         assert lengths[0] == (8 if kind == "t5" else 9) and lengths[1] == 10  # + </s> (T5), + BOS/EOS (CLIP)
         assert torch.count_nonzero(feats[0, lengths[0]:]) == 0  # padding stored as zeros
+        # encoded at the batch's longest caption: the same vectors as padded to max_length
+        tok = enc.tokenizer(texts, padding="max_length", truncation=True, max_length=10, return_tensors="pt")
+        ref = enc.model(**tok).last_hidden_state * tok["attention_mask"][..., None]
+        short, _, _ = enc.encode(texts[:1], 10)
+        assert torch.allclose(short[0], ref[0], atol=1e-5) and torch.allclose(feats, ref, atol=1e-5)
 
 
 def test_missing_encoder_folder_or_tokenizer_says_which_files_are_expected(tmp_path, encoders):

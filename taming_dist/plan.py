@@ -18,16 +18,11 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from taming_dist.config import EngineConfig, RunConfig, batch_layout
+from taming_dist.engines import PLANNED_LAYOUTS, engine_class, layout_name
 from taming_dist.engines.base import param_groups
 
 GiB = 2**30
-ENGINES = [("ddp", 0), ("fsdp", 0), ("deepspeed", 1), ("deepspeed", 2), ("deepspeed", 3)]
-# DeepSpeed defaults (deepspeed/runtime/zero/config.py) that engines/deepspeed.py leaves as they are,
-# and its own stage-3 persistence threshold.
-DS_REDUCE_BUCKET = 500_000_000  # reduce_bucket_size: one buffer of this many elements (contiguous_gradients)
-DS_PREFETCH_BUCKET = 50_000_000  # stage3_prefetch_bucket_size
-DS_PERSISTENCE = 10_000  # stage3_param_persistence_threshold: smaller parameters stay gathered
-_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+ENGINES = PLANNED_LAYOUTS
 
 
 @dataclass
@@ -63,46 +58,11 @@ def _spec(name: str, module: torch.nn.Module, weight_decay: float, ema: bool) ->
 
 def state_bytes(unit: UnitSpec, engine: str, zero_stage: int, world: int, ecfg: EngineConfig) -> dict[str, int]:
     """Bytes on the largest rank: params, grads, optim (AdamW's two fp32 moments, and DeepSpeed's fp32
-    master partition), ema (fp32, of the local parameters) and buffers (engine-owned, transient).
-    Of `ecfg` (engine.*): precision, fsdp_shard_size (HSDP shards over that many ranks) and, for
-    DeepSpeed, offload_optimizer / offload_params (that state lives in host memory)."""
-    d, P = _BYTES[ecfg.precision], unit.numel
-    blk = max(unit.blocks, default=0)
-    if engine == "ddp":
-        # fp32 parameters, gradients and moments, replicated. Buffers: DDP's gradient buckets, a
-        # second copy of every gradient (gradient_as_bucket_view=False). (Autocast's weight copies
-        # are measured with the activations.)
-        local = P
-        out = {"params": 4 * P, "grads": 4 * P, "optim": 8 * P, "buffers": 4 * P}
-    elif engine == "fsdp":
-        # FSDP2 shards each parameter on dim 0 in chunks of ceil(dim0 / world); rank 0 holds a full one.
-        shard = ecfg.fsdp_shard_size or world
-        local = sum(math.ceil(s[0] / shard) * (s.numel() // s[0]) for s in unit.shapes if s.numel())
-        # fp32 shards (MixedPrecisionPolicy casts the gathered copy). Buffers: the gathered copies of
-        # the root's parameters (kept through forward and backward) and of two blocks (the running
-        # and the prefetched one), one block's unsharded gradients and their fp32 reduce-scatter copy.
-        out = {"params": 4 * local, "grads": 4 * local, "optim": 8 * local,
-               "buffers": d * (P - sum(unit.blocks) + 2 * blk) + (d + 4) * blk}
-    elif engine == "deepspeed":
-        if zero_stage == 3:  # each parameter partitioned (padded) on its own
-            master = sum(math.ceil(s.numel() / world) for s in unit.shapes)
-            local = master
-            params = d * master
-            persistent = sum(s.numel() for s in unit.shapes if s.numel() <= DS_PERSISTENCE)
-            gathered = d * (blk + min(DS_PREFETCH_BUCKET, P) + persistent)
-        else:  # each AdamW group flattened, padded to 2 x world elements (nccl_start_alignment_factor)
-            master = sum(2 * math.ceil(sum(s.numel() for s in g) / (2 * world)) for g in unit.groups)
-            local = P
-            params = d * P
-            gathered = 0
-        grads = d * (P if zero_stage == 1 else master)
-        out = {"params": params, "grads": grads, "optim": 12 * master, "buffers": d * DS_REDUCE_BUCKET + gathered}
-        if ecfg.offload_optimizer == "cpu":  # ZeRO-Offload: master, moments and gradient partitions on the host
-            out.update(optim=0, grads=0)
-        if ecfg.offload_params == "cpu":
-            out["params"] = 0
-    else:
-        raise ValueError(f"engine {engine!r} is not one of ddp, fsdp, deepspeed")
+    master partition), ema (fp32, of the local parameters) and buffers (engine-owned, transient), as
+    the engine models them (Engine.planned_bytes). Of `ecfg` (engine.*): precision, fsdp_shard_size
+    (HSDP shards over that many ranks) and, for DeepSpeed, offload_optimizer / offload_params (that
+    state lives in host memory)."""
+    out, local = engine_class(engine).planned_bytes(unit.shapes, unit.groups, unit.blocks, zero_stage, world, ecfg)
     out["ema"] = 4 * local if unit.ema else 0
     return out
 
@@ -268,7 +228,7 @@ def plan(cfg: RunConfig, world: int, engines=ENGINES, micro_batch: int | None = 
     use_ac = cfg.engine.activation_checkpointing
     rows = []
     for kind, stage in engines:
-        per_unit, acts = {}, {u.name: u.activations("fp32" if kind == "ddp" else "cast") for u in units}
+        per_unit, acts = {}, {u.name: u.activations(engine_class(kind).planned_weights) for u in units}
         for u in units:
             b = state_bytes(u, kind, stage, world, cfg.engine)
             b.update({k: c + B * s for k, (c, s) in acts[u.name].items()})
@@ -279,7 +239,7 @@ def plan(cfg: RunConfig, world: int, engines=ENGINES, micro_batch: int | None = 
         for k in ("no_ac", "ac"):
             room = gpu_mem_gib * GiB - fixed
             fits[k] = max(0, min(math.floor((room - c) / max(s, 1)) for c, s in (a[k] for a in acts.values())))
-        rows.append({"engine": kind if kind != "deepspeed" else f"deepspeed zero-{stage}", "units": per_unit,
+        rows.append({"engine": layout_name(kind, stage), "units": per_unit,
                      "frozen": 4 * frozen, "total": fixed + act["ac" if use_ac else "no_ac"],
                      "max_micro_batch": fits})
     return {"config": cfg.name, "stage": cfg.stage, "world_size": world, "precision": cfg.engine.precision,

@@ -18,6 +18,7 @@ from taming_dist.config import EngineConfig, OptimConfig
 from taming_dist.engines.dist import DistEnv
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
 @dataclass
@@ -288,6 +289,65 @@ class Engine:
     def lr(self, unit: Unit) -> float:
         return unit.optimizer.param_groups[0]["lr"]
 
+    # -- what the loop, the checkpoint code and the planner ask (they never name an engine) ------
+    supports_async_checkpoint = True  # DCP's async_save holds every part of this engine's state
+
+    def describe(self) -> str:
+        """How the startup summary names this engine."""
+        return self.cfg.kind
+
+    def param_count(self, module: nn.Module) -> int:
+        """Trainable and frozen parameters of `module`, full size (DTensors report their full numel)."""
+        return sum(p.numel() for p in module.parameters())
+
+    def manifest_fields(self) -> dict:
+        """Engine facts a checkpoint's manifest records (read back by `check_resumable`)."""
+        return {"zero_stage": None}
+
+    @staticmethod
+    def planned_bytes(shapes: list, groups: list, blocks: list[int], zero_stage: int, world: int, ecfg) -> tuple[dict, int]:
+        """The memory model of plan.py for one unit on the largest rank: ({params, grads, optim,
+        buffers}: bytes, local parameter elements). `shapes`: the trainable parameters' shapes;
+        `groups`: AdamW's groups of shapes; `blocks`: elements per parallel block."""
+        raise NotImplementedError
+
+    # Which weights the planner's measured activations assume: "fp32" (autocast casts fp32 weights
+    # per use, measured with the activations) or "cast" (the engine keeps a copy in the compute dtype).
+    planned_weights = "cast"
+
+    @classmethod
+    def consolidate(cls, ckpt, manifest: dict, ema: bool, read_tensors) -> dict[str, dict]:
+        """{unit: full state dict} of a format-2/3 checkpoint this engine wrote, offline (no process
+        group); `read_tensors(folder, prefixes, desc)` loads the DCP tensors whose keys start so.
+        The torch engines keep `{unit}.model.*` and `{unit}.ema.*` there."""
+        result = {}
+        for name in manifest["units"]:
+            state = read_tensors(ckpt / "state", [f"{name}.model."] + ([f"{name}.ema."] if ema else []),
+                                 f"convert {name}")
+            sd = _strip(state, f"{name}.model.")
+            sd.update(_strip(state, f"{name}.ema."))
+            result[name] = sd
+        return result
+
+    @classmethod
+    def consolidate_v1(cls, ckpt, meta: dict, ema: bool) -> dict[str, dict]:
+        """The same for format version 1 (meta.pt, a `dcp/` folder of {unit: {model, optim, ema}})."""
+        import tempfile
+        from pathlib import Path
+
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        with tempfile.TemporaryDirectory() as tmp:
+            dcp_to_torch_save(ckpt / "dcp", Path(tmp) / "full.pt")
+            state = torch.load(Path(tmp) / "full.pt", weights_only=True)
+        result = {}
+        for name in meta["schedulers"]:
+            sd = dict(state[name]["model"])
+            if ema and state[name].get("ema"):
+                sd.update(state[name]["ema"])
+            result[name] = sd
+        return result
+
     # -- checkpoints --------------------------------------------------------------------------
     # A checkpoint is one DCP save of Stateful parts (checkpoint/manager.py): one UnitState per
     # unit, whose content each engine defines here, and the run's state. DeepSpeed keeps its model
@@ -313,6 +373,10 @@ class Engine:
     def full_state_dict(self, unit: Unit, ema: bool = False) -> dict[str, torch.Tensor]:
         """The unit's full (unsharded) fp32 weights on every rank: for export and images."""
         raise NotImplementedError
+
+
+def _strip(state: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def schedule_state(unit: Unit) -> dict:

@@ -8,6 +8,14 @@ from taming_dist.engines.single import SingleEngine
 
 class DDPEngine(SingleEngine):
     kind = "ddp"
+    planned_weights = "fp32"  # autocast casts the fp32 weights per use (measured with the activations)
+
+    @staticmethod
+    def planned_bytes(shapes, groups, blocks, zero_stage, world, ecfg):
+        # fp32 parameters, gradients and moments, replicated. Buffers: DDP's gradient buckets, a
+        # second copy of every gradient (gradient_as_bucket_view=False).
+        P = sum(s.numel() for s in shapes)
+        return {"params": 4 * P, "grads": 4 * P, "optim": 8 * P, "buffers": 4 * P}, P
 
     def _forward_module(self, module):
         if not any(p.requires_grad for p in module.parameters()):

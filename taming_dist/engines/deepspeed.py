@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import math
 import os
 import warnings
 
 import torch
 
 from taming_dist.engines.base import (
-    Engine, Unit, build_optimizer, load_schedule_state, param_groups, schedule_state,
+    _BYTES, Engine, Unit, _strip, build_optimizer, load_schedule_state, param_groups, schedule_state,
 )
 from taming_dist.engines.dist import ensure_process_group
 
@@ -108,6 +109,13 @@ def _merge(base: dict, over: dict) -> dict:
     for k, v in over.items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+# DeepSpeed defaults (deepspeed/runtime/zero/config.py) that this engine leaves as they are, and its
+# own stage-3 persistence threshold: what the memory plan (planned_bytes) assumes.
+DS_REDUCE_BUCKET = 500_000_000  # reduce_bucket_size: one buffer of this many elements (contiguous_gradients)
+DS_PREFETCH_BUCKET = 50_000_000  # stage3_prefetch_bucket_size
+DS_PERSISTENCE = 10_000  # stage3_param_persistence_threshold: smaller parameters stay gathered
 
 
 def unflatten_zero3(parts: list[torch.Tensor], shape) -> torch.Tensor:
@@ -209,6 +217,75 @@ class DeepSpeedEngine(Engine):
     def discard(self, unit):
         unit.module.set_gradient_accumulation_boundary(True)
         unit.module.zero_grad()
+
+    supports_async_checkpoint = False  # its model and optimizer files come from its own synchronous save_checkpoint
+
+    def describe(self):
+        return f"deepspeed ZeRO-{self.cfg.zero_stage}"
+
+    def param_count(self, module):
+        # ZeRO-3 leaves each rank a partition; ds_numel is the full size.
+        return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
+
+    def manifest_fields(self):
+        return {"zero_stage": self.cfg.zero_stage}
+
+    @staticmethod
+    def planned_bytes(shapes, groups, blocks, zero_stage, world, ecfg):
+        d, P = _BYTES[ecfg.precision], sum(s.numel() for s in shapes)
+        blk = max(blocks, default=0)
+        if zero_stage == 3:  # each parameter partitioned (padded) on its own
+            master = sum(math.ceil(s.numel() / world) for s in shapes)
+            local = master
+            params = d * master
+            persistent = sum(s.numel() for s in shapes if s.numel() <= DS_PERSISTENCE)
+            gathered = d * (blk + min(DS_PREFETCH_BUCKET, P) + persistent)
+        else:  # each AdamW group flattened, padded to 2 x world elements (nccl_start_alignment_factor)
+            master = sum(2 * math.ceil(sum(s.numel() for s in g) / (2 * world)) for g in groups)
+            local = P
+            params = d * P
+            gathered = 0
+        grads = d * (P if zero_stage == 1 else master)
+        out = {"params": params, "grads": grads, "optim": 12 * master, "buffers": d * DS_REDUCE_BUCKET + gathered}
+        if ecfg.offload_optimizer == "cpu":  # ZeRO-Offload: master, moments and gradient partitions on the host
+            out.update(optim=0, grads=0)
+        if ecfg.offload_params == "cpu":
+            out["params"] = 0
+        return out, local
+
+    @classmethod
+    def consolidate(cls, ckpt, manifest, ema, read_tensors):
+        """The model from DeepSpeed's own fp32 consolidation of its files; the EMA from the DCP state,
+        where ZeRO-3 keeps one partition per rank (reassembled by `unflatten_zero3`)."""
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        result = {}
+        for name in manifest["units"]:
+            sd = dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt / "deepspeed"), tag=name))
+            if ema and manifest.get("zero_stage") == 3:
+                keys = [f"{name}.{ema_rank_key(r)}." for r in range(manifest["world_size"])]
+                parts = read_tensors(ckpt / "state", keys, f"convert {name} EMA")
+                per_rank = [_strip(parts, k) for k in keys]
+                sd.update({k: unflatten_zero3([p[k] for p in per_rank], sd[k].shape) for k in per_rank[0]})
+            elif ema:
+                sd.update(_strip(read_tensors(ckpt / "state", [f"{name}.ema."], f"convert {name} EMA"), f"{name}.ema."))
+            result[name] = sd
+        return result
+
+    @classmethod
+    def consolidate_v1(cls, ckpt, meta, ema):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        result = {}
+        for name in meta["schedulers"]:
+            sd = dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=name))
+            files = sorted((ckpt / name).glob("ema_rank*.pt"))
+            if ema and files:
+                parts = [torch.load(f, weights_only=True) for f in files]
+                for k in parts[0]:
+                    sd[k] = unflatten_zero3([p[k] for p in parts], sd[k].shape)
+            result[name] = sd
+        return result
 
     def prepare_step(self, unit):
         return None  # DeepSpeed computes (and clips by) the norm inside its own step

@@ -11,10 +11,11 @@ per-block all-gathers stay inside a node and only the gradient all-reduce crosse
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 
-from taming_dist.engines.base import local_tensor
+from taming_dist.engines.base import _BYTES, local_tensor
 from taming_dist.engines.dist import ensure_process_group
 from taming_dist.engines.single import SingleEngine
 from taming_dist.logging import print0
@@ -22,6 +23,19 @@ from taming_dist.logging import print0
 
 class FSDPEngine(SingleEngine):
     kind = "fsdp"
+
+    @staticmethod
+    def planned_bytes(shapes, groups, blocks, zero_stage, world, ecfg):
+        d, P = _BYTES[ecfg.precision], sum(s.numel() for s in shapes)
+        blk = max(blocks, default=0)
+        # FSDP2 shards each parameter on dim 0 in chunks of ceil(dim0 / world); rank 0 holds a full one.
+        shard = ecfg.fsdp_shard_size or world
+        local = sum(math.ceil(s[0] / shard) * (s.numel() // s[0]) for s in shapes if s.numel())
+        # fp32 shards (MixedPrecisionPolicy casts the gathered copy). Buffers: the gathered copies of
+        # the root's parameters (kept through forward and backward) and of two blocks (the running
+        # and the prefetched one), one block's unsharded gradients and their fp32 reduce-scatter copy.
+        return {"params": 4 * local, "grads": 4 * local, "optim": 8 * local,
+                "buffers": d * (P - sum(blocks) + 2 * blk) + (d + 4) * blk}, local
 
     channels_last_weights = False
 

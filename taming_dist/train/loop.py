@@ -223,8 +223,8 @@ def startup_summary(cfg: RunConfig, env, engine, task, stream, run_dir: Path, re
     """The one block rank 0 prints before the first step: where, what, on what, how much."""
     layout = getattr(engine, "layout", f"{env.world_size} rank(s)")
     e = cfg.engine
-    kind = e.kind + (f" ZeRO-{e.zero_stage}" if e.kind == "deepspeed" else "")
-    params = ", ".join(f"{name} {_count_params(u.raw) / 1e6:.2f}M" for name, u in task.units.items())
+    kind = engine.describe()
+    params = ", ".join(f"{name} {engine.param_count(u.raw) / 1e6:.2f}M" for name, u in task.units.items())
     d = cfg.data
     where = d.path or "built-in synthetic shards"
     samples = (getattr(stream, "manifest", None) or {}).get("total", "?")
@@ -242,11 +242,6 @@ def startup_summary(cfg: RunConfig, env, engine, task, stream, run_dir: Path, re
         f"collective timeout: {e.startup_timeout_s}s at start-up and checkpoints, {e.collective_timeout_s}s per step",
     ]
     return "\n".join(["== taming-dist train " + "=" * 40, *lines, "=" * 61])
-
-
-def _count_params(module) -> int:
-    # ZeRO-3 leaves each rank a partition; ds_numel is the full size. DTensors report the full numel.
-    return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
 
 
 def _resume_path(ckpt: CheckpointManager, resume: str):

@@ -1,6 +1,7 @@
 """The package's layering (README, Architecture): single-device model and loss code, no import
 cycles between sub-packages, and only engine code touching wrapper internals."""
 import ast
+import re
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[2] / "taming_dist"
@@ -164,3 +165,49 @@ def test_the_condition_dispatch_check_can_fail(tmp_path):
     f = tmp_path / "x.py"
     f.write_text("kind = cfg.condition.kind\nif kind == 'class':\n    pass\nif cond.kind in ('a',):\n    pass\n")
     assert _condition_kind_dispatch(f) == [2, 4]
+
+
+ENGINE_WORDS = re.compile(r"\b(deepspeed|fsdp|ddp|zero[-_ ]?[123])\b", re.IGNORECASE)
+
+
+def engine_knowledge(path: Path) -> list[str]:
+    """Places in `path` that know a particular engine: a string naming one (docstrings and comments
+    aside: they may explain), a `ds_*` attribute, or an import of one engine's module."""
+    tree = ast.parse(path.read_text())
+    docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                  if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                  and n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            if ENGINE_WORDS.search(node.value):
+                found.append(f"{path.name}:{node.lineno} string {node.value[:60]!r}")
+        elif isinstance(node, ast.Attribute) and node.attr.startswith("ds_"):
+            found.append(f"{path.name}:{node.lineno} attribute {node.attr}")
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            for m in names:
+                if m.startswith(("deepspeed", "taming_dist.engines.deepspeed", "taming_dist.engines.fsdp",
+                                 "taming_dist.engines.ddp", "taming_dist.engines.single")):
+                    found.append(f"{path.name}:{node.lineno} import {m}")
+    return found
+
+
+def test_no_engine_is_named_outside_engines():
+    """The loop, the tasks, the checkpoint code and the planner ask the engines (Engine.describe,
+    param_count, manifest_fields, planned_bytes, consolidate, ...) and never branch on one."""
+    files = _files("train", "checkpoint", "tasks") + [PKG / "plan.py"]
+    found = [hit for f in files for hit in engine_knowledge(f)]
+    assert not found, found
+
+
+def test_the_engine_name_check_can_fail(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text('''"""Docstrings may say deepspeed."""
+import deepspeed
+def f(p, cfg):
+    # so may comments: fsdp
+    return p.ds_numel if cfg.kind == "deepspeed" else 0
+''')
+    assert [h.split(" ", 1)[1] for h in engine_knowledge(bad)] == [
+        "import deepspeed", "attribute ds_numel", "string 'deepspeed'"]

@@ -27,6 +27,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import re
 import shutil
 import time
 import warnings
@@ -183,9 +184,16 @@ class CheckpointManager:
         self.engine.barrier()
 
     def _prune(self) -> None:
-        done = sorted(p for p in self.folder.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-        for old in done[: max(0, len(done) - self.keep_last)]:
-            shutil.rmtree(old, ignore_errors=True)
+        """Keep the `keep_last` newest checkpoints by step number (names are zero-padded to 6 digits
+        only, so from step 1,000,000 on a sort by name would put the newest first and delete it),
+        and never the one `latest` names."""
+        done = sorted((int(m.group(1)), p) for p in self.folder.glob("step_*")
+                      if p.is_dir() and (m := re.fullmatch(r"step_(\d+)", p.name)))
+        pointer = self.folder / "latest"
+        latest = pointer.read_text().strip() if pointer.exists() else None
+        for _, old in done[: max(0, len(done) - self.keep_last)]:
+            if old.name != latest:
+                shutil.rmtree(old, ignore_errors=True)
 
     def load(self, path: Path, state: dict) -> dict:
         """Restore every part of `state` (checkpoint.state.training_state) from checkpoint `path`,

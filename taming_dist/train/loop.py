@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from taming_dist.atomic import write_atomic
 from taming_dist.checkpoint.manager import CheckpointManager
 from taming_dist.checkpoint.state import TrainState, training_state
 from taming_dist.config import RunConfig, batch_layout, dump_config, to_dict
@@ -212,9 +213,7 @@ def _write_stop_marker(engine, run_dir: Path, step: int) -> None:
     marker = os.environ.get(STOP_MARKER_ENV)
     if marker and engine.is_main:
         Path(marker).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(marker + ".tmp")
-        tmp.write_text(json.dumps({"step": step, "run_dir": str(run_dir)}) + "\n")
-        tmp.replace(marker)
+        write_atomic(marker, json.dumps({"step": step, "run_dir": str(run_dir)}) + "\n")
     engine.barrier()
 
 

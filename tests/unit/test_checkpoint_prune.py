@@ -3,6 +3,7 @@
 import torch
 
 from taming_dist.checkpoint.manager import CheckpointManager
+from taming_dist.checkpoint.state import TrainState, training_state
 from taming_dist.config import EngineConfig
 from taming_dist.engines import DistEnv, build_engine
 from tests.unit.test_engine_single import _unit
@@ -13,7 +14,7 @@ def test_prune_keeps_the_newest_by_step_past_a_million(tmp_path):
     u = _unit(e)
     mgr = CheckpointManager(tmp_path / "ck", e, keep_last=2)
     for step in (999_998, 999_999, 1_000_000, 1_000_001):
-        path = mgr.save(step, {"m": u}, {}, {})
+        path = mgr.save(step, training_state(e, {"m": u}, TrainState(step=step)))
         latest = mgr.latest()
         assert latest == path and latest.is_dir(), "latest names the folder just written"
     names = sorted(p.name for p in (tmp_path / "ck").iterdir() if p.name != "latest")

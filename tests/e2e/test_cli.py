@@ -62,11 +62,13 @@ def test_demo_pipeline_sample_and_reconstruct(tmp_path):
     import yaml
     quantizer = yaml.safe_load((out / "vqgan" / "config.yaml").read_text())["vqgan"]["quantizer"]
     assert quantizer["kmeans_init"] is True and quantizer["dead_code_threshold"] == 0.3
-    overview = Image.open(out / "overview.png")
-    assert overview.size[1] >= 2 * 2 * 32 + 10 * 2 * 32  # originals, reconstructions, 10 rows of 3 prompts, 2x
+    with Image.open(out / "overview.png") as overview:
+        height = overview.size[1]
+    assert height >= 2 * 2 * 32 + 10 * 2 * 32  # originals, reconstructions, 10 rows of 3 prompts, 2x
     assert 'id="run-vqgan"' in (out / "report.html").read_text()
-    grid = Image.open(out / "samples.png")
-    assert grid.size[0] >= 2 * 32 and grid.size[1] > 30 * 32  # 30 prompts x 2 samples of 32 px
+    with Image.open(out / "samples.png") as grid:
+        size = grid.size
+    assert size[0] >= 2 * 32 and size[1] > 30 * 32  # 30 prompts x 2 samples of 32 px
     assert (out / "text-encoder" / "tokenizer.json").exists() and (out / "codes" / "manifest.json").exists()
     for stage, image in (("vqgan", "recon_000012.png"), ("transformer", "samples_000012.png")):
         run_dir = out / stage
@@ -92,7 +94,8 @@ def test_demo_pipeline_sample_and_reconstruct(tmp_path):
     # the README's command: the text encoder is found from the model folder, no --text-encoder
     p = cli("sample", str(out / "transformer" / "model"), "--prompt", "a yellow triangle on a purple background",
             "--per-class", "3", "--out", str(tmp_path / "s.png"))
-    assert "wrote 3 samples" in p.stdout and Image.open(tmp_path / "s.png").size[0] > 2 * 32
+    with Image.open(tmp_path / "s.png") as drawn:
+        assert "wrote 3 samples" in p.stdout and drawn.size[0] > 2 * 32
     p = cli("reconstruct", str(out / "vqgan"), "--count", "4", "--out", str(tmp_path / "r.png"))
     assert "PSNR" in p.stdout and (tmp_path / "r.png").exists()
 

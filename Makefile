@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(PY) -m taming_dist demo --out runs/demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=40 tests
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests

@@ -55,7 +55,7 @@ def _from_run(src, ema: bool, dtype) -> tuple[RunConfig, dict, dict]:
     sd = {f"transformer.{k}": v for k, v in units["transformer"].items()}
     if cfg.first_stage_ckpt:
         sd.update({f"first_stage_model.{k}": v for k, v in read_weights(cfg.first_stage_ckpt).items()})
-    if cfg.transformer.condition.kind == "tokens" and cfg.transformer.condition.cond_ckpt:
+    if cfg.transformer.condition.cond_ckpt:  # only a kind whose condition builds a module takes one
         sd.update({f"cond_stage_model.{k}": v for k, v in read_weights(cfg.transformer.condition.cond_ckpt).items()})
     return cfg, sd, {}
 
@@ -192,15 +192,13 @@ def original_yaml(kind: str, cfg: RunConfig, with_loss: bool = True) -> dict:
         target = "taming.models.vqgan.GumbelVQ" if cfg.vqgan.quantizer.kind == "gumbel" else "taming.models.vqgan.VQModel"
         return {"model": {"base_learning_rate": cfg.train.optim.lr, "target": target,
                           "params": _original_vq_params(cfg.vqgan, cfg.loss if with_loss else None)}}
+    from taming_dist.models.conditions import make_condition
+
     t = cfg.transformer
-    cond = {"none": {"target": "taming.modules.util.SOSProvider", "params": {"sos_token": t.condition.sos_token}},
-            "class": {"target": "taming.modules.util.Labelator", "params": {"n_classes": t.condition.n_classes}},
-            "tokens": {"target": "taming.models.vqgan.VQModel",
-                       "params": _original_vq_params(t.condition.cond_vqgan) if t.condition.cond_vqgan else {}},
-            "context": {"target": "taming_dist.context", "params": {"context_len": t.condition.context_len}}}
+    cond_key, cond_stage = make_condition(t).original_cond_stage(_original_vq_params)
     g = t.gpt
     return {"model": {"base_learning_rate": cfg.train.optim.lr, "target": "taming.models.cond_transformer.Net2NetTransformer",
-                      "params": {"pkeep": t.pkeep, "cond_stage_key": "class_label" if t.condition.kind == "class" else "image",
+                      "params": {"pkeep": t.pkeep, "cond_stage_key": cond_key,
                                  "transformer_config": {"target": "taming.modules.transformer.mingpt.GPT", "params": {
                                      "vocab_size": g.vocab_size, "block_size": g.block_size, "n_layer": g.n_layer,
                                      "n_head": g.n_head, "n_embd": g.n_embd, "embd_pdrop": g.embd_pdrop,
@@ -208,7 +206,7 @@ def original_yaml(kind: str, cfg: RunConfig, with_loss: bool = True) -> dict:
                                      "n_unmasked": g.n_unmasked}},
                                  "first_stage_config": {"target": "taming.models.vqgan.VQModel",
                                                         "params": _original_vq_params(t.first_stage)},
-                                 "cond_stage_config": cond[t.condition.kind]}}}
+                                 "cond_stage_config": cond_stage}}}
 
 
 def write_taming(out: Path, kind: str, cfg: RunConfig, sd: dict, with_loss: bool = True) -> Path:

@@ -172,7 +172,7 @@ def _net2net_config(params: dict, where: str, notes: list[str]) -> TransformerMo
         cond = ConditionConfig(kind="tokens", cond_vqgan=dataclasses.replace(first))
     else:
         cond = ConditionConfig(kind="tokens", cond_vqgan=_stage_config(cond_cfg, f"{where} cond_stage_config"))
-    if params.get("downsample_cond_size", -1) != -1 and cond.kind == "tokens":
+    if params.get("downsample_cond_size", -1) != -1 and cond.cond_vqgan is not None:  # an image condition
         notes.append(f"the original resized conditioning images to {params['downsample_cond_size']} px before "
                      "encoding them (downsample_cond_size); do the same when preparing cond_image")
     return TransformerModelConfig(gpt=gpt, condition=cond, first_stage=first, pkeep=params.get("pkeep", 1.0))

@@ -87,20 +87,11 @@ def to_gpt2(cfg: TransformerModelConfig, state_dict: dict) -> tuple[dict, dict]:
 
 def condition_info(cfg: TransformerModelConfig) -> dict:
     """How a prompt is made for this model: written to `taming_condition.json` beside the weights."""
-    c = cfg.condition
+    from taming_dist.models.conditions import make_condition
+
     side = cfg.first_stage.ddconfig.resolution // cfg.first_stage.downsample_factor
-    info = {"kind": c.kind, "image_tokens": side * side, "latent_shape": [side, side],
-            "codebook_size": cfg.first_stage.quantizer.n_embed}
-    if c.kind == "none":
-        info["prompt"] = [c.sos_token]
-    elif c.kind == "class":
-        info.update({"n_classes": c.n_classes, "prompt": "[label]"})
-        if c.class_dropout > 0:
-            info["null_prompt"] = [c.n_classes]
-    else:
-        d = c.cond_vqgan
-        info.update({"prompt": "codes of the cond stage (cond_vqgan/)", "cond_resolution": d.ddconfig.resolution})
-    return info
+    return {"kind": cfg.condition.kind, "image_tokens": side * side, "latent_shape": [side, side],
+            "codebook_size": cfg.first_stage.quantizer.n_embed, **make_condition(cfg).prompt_record()}
 
 
 def save_transformers(folder, cfg: TransformerModelConfig, state_dict: dict, dtype: torch.dtype | None = None) -> None:
@@ -155,24 +146,26 @@ def pipeline_readme(cfg: TransformerModelConfig, folder: str = ".", label: int =
                     guidance: float | None = None) -> str:
     """The README.md of a pipeline folder: a code block that makes one image with diffusers and
     transformers alone (greedy, so the result is ours exactly)."""
-    info = condition_info(cfg)
-    c, side, n = cfg.condition, info["latent_shape"][0], info["image_tokens"]
+    from taming_dist.models.conditions import make_condition
+
+    info, condition = condition_info(cfg), make_condition(cfg)
+    side, n = info["latent_shape"][0], info["image_tokens"]
     res = cfg.first_stage.ddconfig.resolution
-    if c.kind == "none":
-        prompt_ids, comment, prompt_text, cond_text = str(c.sos_token), "the start token", \
-            f"the start token {c.sos_token}", " (unconditional)"
-    elif c.kind == "class":
-        prompt_ids, comment = str(label), f"a class label in [0, {c.n_classes})"
-        prompt_text, cond_text = "the class label (one token)", f", conditioned on {c.n_classes} classes"
-    else:
-        raise ValueError("the pipeline README shows condition kinds none and class; a tokens-conditioned model's "
-                         "prompt is the codes of its cond stage")
+    tokens = condition.prompt_tokens(label)
+    if tokens is None:
+        raise ValueError(f"the pipeline README shows models whose prompt is a fixed list of tokens; this one is "
+                         f"{condition.summary()} (condition.kind={cfg.condition.kind}), whose prompt is the codes "
+                         "of its cond stage")
+    prompt_ids = ", ".join(map(str, tokens))
+    comment = prompt_text = condition.prompt_words()
+    cond_text = f" ({condition.summary()})"
     gen_extra, cfg_text = "", ""
-    if c.kind == "class" and c.class_dropout > 0:
-        cfg_text = (f"; classifier-free guidance is transformers' own `guidance_scale` with the null class "
-                    f"{c.n_classes} as `negative_prompt_ids`")
+    null = condition.null_prompt()
+    if null is not None:
+        cfg_text = (f"; classifier-free guidance is transformers' own `guidance_scale` with the null condition "
+                    f"{null} as `negative_prompt_ids`")
         if guidance is not None:
-            gen_extra = f", guidance_scale={guidance}, negative_prompt_ids=torch.tensor([[{c.n_classes}]])"
+            gen_extra = f", guidance_scale={guidance}, negative_prompt_ids=torch.tensor([{null}])"
     return README.format(res=res, side=side, codes=f"{cfg.first_stage.quantizer.n_embed} codes",
                          cond_text=cond_text, prompt_text=prompt_text, n=n, cfg_text=cfg_text, folder=folder,
                          prompt_ids=prompt_ids, prompt_comment=comment, gen_extra=gen_extra,
@@ -184,6 +177,7 @@ def save_pipeline(folder, cfg: TransformerModelConfig, state_dict: dict, dtype: 
     cond stage goes to `cond_vqgan/` (diffusers). Returns the sub-folders written."""
     from taming_dist.interop.diffusers import refuse as refuse_diffusers
     from taming_dist.interop.diffusers import save_diffusers
+    from taming_dist.models.conditions import make_condition
 
     refuse(cfg, "export --format hf-pipeline")
     refuse_diffusers(cfg.first_stage, "export --format hf-pipeline (first stage)")
@@ -193,7 +187,7 @@ def save_pipeline(folder, cfg: TransformerModelConfig, state_dict: dict, dtype: 
     save_diffusers(folder / "vqgan", cfg.first_stage, first, dtype)
     save_transformers(folder / "transformer", cfg, state_dict, dtype)
     names = ["vqgan", "transformer"]
-    if cfg.condition.kind == "tokens":
+    if cfg.condition.cond_vqgan is not None:  # a tokens-conditioned model: its cond stage too
         cond = {k.split(".", 1)[1]: v for k, v in state_dict.items() if k.startswith("cond_stage_model.")}
         save_diffusers(folder / "cond_vqgan", cfg.condition.cond_vqgan, cond, dtype)
         names.append("cond_vqgan")
@@ -203,6 +197,6 @@ def save_pipeline(folder, cfg: TransformerModelConfig, state_dict: dict, dtype: 
                   "`vqgan/`. See taming_condition.json.\n")
     else:
         # guided when the model learned a null class: guidance through transformers' own processor
-        readme = pipeline_readme(cfg, guidance=3.0 if cfg.condition.class_dropout > 0 else None)
+        readme = pipeline_readme(cfg, guidance=3.0 if make_condition(cfg).null_prompt() is not None else None)
     (folder / "README.md").write_text(readme)
     return names

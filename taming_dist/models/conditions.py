@@ -169,6 +169,34 @@ class Conditioning:
         """What an export folder records about the condition besides the config."""
         return {"kind": self.kind}
 
+    # -- exports (checkpoint/export.py, interop/) ------------------------------------------------
+    def prompt_tokens(self, label: int = 0) -> Optional[list[int]]:
+        """The GPT tokens that make one sample's condition, as a plain token prompt (a GPT-2 export's
+        `generate` prompt); None when the condition is not a fixed token list (an image's codes, a
+        cross-attention context)."""
+        return [self.cond.sos_token]
+
+    def null_prompt(self) -> Optional[list[int]]:
+        """The token prompt of the null condition (classifier-free guidance's negative prompt)."""
+        return None
+
+    def summary(self) -> str:
+        """What the model is conditioned on, in a few words (export READMEs)."""
+        return "unconditional"
+
+    def prompt_words(self) -> str:
+        """What one sample's token prompt is, in words."""
+        return f"the start token {self.cond.sos_token}"
+
+    def prompt_record(self) -> dict:
+        """How a token prompt is made for this model (an export's `taming_condition.json`)."""
+        return {"prompt": [self.cond.sos_token]}
+
+    def original_cond_stage(self, vq_params) -> tuple[str, dict]:
+        """(cond_stage_key, cond_stage_config) of the original Net2NetTransformer's YAML;
+        `vq_params(VQModelConfig)` gives an original VQModel's params."""
+        return "image", {"target": "taming.modules.util.SOSProvider", "params": {"sos_token": self.cond.sos_token}}
+
 
 class NoCondition(Conditioning):
     kind = "none"
@@ -241,6 +269,27 @@ class ClassCondition(Conditioning):
     def labels_at_scale(self, classes, start, count):
         classes = classes or list(range(self.cond.n_classes))
         return torch.tensor([classes[i % len(classes)] for i in range(start, start + count)], dtype=torch.long)
+
+    def prompt_tokens(self, label=0):
+        if not 0 <= label < self.cond.n_classes:
+            raise ValueError(f"label {label} must lie in [0, n_classes {self.cond.n_classes})")
+        return [label]
+
+    def null_prompt(self):
+        return [self.cond.n_classes] if self.has_null else None
+
+    def summary(self):
+        return f"conditioned on {self.cond.n_classes} classes"
+
+    def prompt_words(self):
+        return f"a class label in [0, {self.cond.n_classes}) (one token)"
+
+    def prompt_record(self):
+        return {"n_classes": self.cond.n_classes, "prompt": "[label]",
+                **({"null_prompt": self.null_prompt()} if self.has_null else {})}
+
+    def original_cond_stage(self, vq_params):
+        return "class_label", {"target": "taming.modules.util.Labelator", "params": {"n_classes": self.cond.n_classes}}
 
 
 def _label(x, names: Optional[Sequence[str]], n_classes: int) -> int:
@@ -318,6 +367,22 @@ class TokensCondition(Conditioning):
     def from_batch(self, batch, count):
         return batch["cond_image"][:count]
 
+    def prompt_tokens(self, label=0):
+        return None
+
+    def summary(self):
+        return "conditioned on the codes of a second VQModel"
+
+    def prompt_words(self):
+        return "the codes of the cond stage's VQModel"
+
+    def prompt_record(self):
+        return {"prompt": "codes of the cond stage (cond_vqgan/)",
+                "cond_resolution": self.cond.cond_vqgan.ddconfig.resolution}
+
+    def original_cond_stage(self, vq_params):
+        return "image", {"target": "taming.models.vqgan.VQModel", "params": vq_params(self.cond.cond_vqgan)}
+
 
 class ContextCondition(Conditioning):
     """A sequence (B, L, context_dim) read through cross-attention after an SOS token; its null
@@ -380,6 +445,21 @@ class ContextCondition(Conditioning):
 
     def example_inputs(self, batch_size):
         return {"context": torch.randn(batch_size, self.cond.context_len, self.cfg.gpt.context_dim)}
+
+    def prompt_tokens(self, label=0):
+        return None
+
+    def summary(self):
+        return f"conditioned through cross-attention on a context sequence ({self.kind})"
+
+    def prompt_record(self):
+        raise ValueError(f"condition.kind={self.kind} has no token prompt: the GPT reads its condition through "
+                         "cross-attention")
+
+    def original_cond_stage(self, vq_params):
+        raise ValueError(f"condition.kind={self.kind}: the original Net2NetTransformer has no cross-attention GPT, "
+                         "so its layout cannot hold this model; export it in the taming_dist format "
+                         "(`taming-dist export` without --format, Transformer.from_pretrained)")
 
 
 class TextCondition(ContextCondition):

@@ -221,6 +221,27 @@ def test_condition_kinds_are_objects_and_checked():
     assert GPT  # the GPT is built through the condition's gpt_config
 
 
+def test_exports_ask_the_condition_and_refuse_cross_attention_with_the_reason():
+    from taming_dist.checkpoint.export import _original_vq_params
+    from taming_dist.interop.transformers import condition_info, pipeline_readme
+
+    t2i = _tiny_t2i()
+    with pytest.raises(ValueError, match="original Net2NetTransformer has no cross-attention GPT"):
+        t2i.condition.original_cond_stage(_original_vq_params)
+    with pytest.raises(ValueError, match="no token prompt"):
+        condition_info(t2i.condition.cfg)
+    cls = Transformer(load_config("transformer-tiny").transformer).condition  # class, dropout 0.1
+    assert cls.original_cond_stage(_original_vq_params) == (
+        "class_label", {"target": "taming.modules.util.Labelator", "params": {"n_classes": 12}})
+    assert cls.prompt_tokens(5) == [5] and cls.null_prompt() == [12]
+    with pytest.raises(ValueError, match=r"label 12 must lie in \[0, n_classes 12\)"):
+        cls.prompt_tokens(12)
+    info = condition_info(cls.cfg)
+    assert info["prompt"] == "[label]" and info["null_prompt"] == [12] and info["image_tokens"] == 64
+    readme = pipeline_readme(cls.cfg, label=3, guidance=2.0)
+    assert "prompt = torch.tensor([[3]])" in readme and "negative_prompt_ids=torch.tensor([[12]])" in readme
+
+
 def test_prompt_accuracy_scores_real_images_against_their_captions_and_not_against_others():
     from taming_dist.data.synthetic import generate
     from taming_dist.eval.prompts import prompt_hits

@@ -18,6 +18,7 @@ dispatching on it anywhere else.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from numbers import Integral
 from typing import Optional, Sequence, Union
@@ -94,6 +95,10 @@ class Conditioning:
 
     def supports_null(self) -> bool:
         return False
+
+    def check_features(self, text: Optional[dict], where: str) -> None:
+        """At start-up, before any step: whether a codes folder's text features (its manifest's
+        `text` record, None when it has none) suit this model. Only text models need them."""
 
     def gpt_config(self) -> GPTConfig:
         return self.cfg.gpt
@@ -477,6 +482,30 @@ class TextCondition(ContextCondition):
         if self.cond.context_len <= 0:
             raise ValueError("condition.kind=text needs condition.context_len > 0 (the most text tokens per "
                              "caption, e.g. 120 as LlamaGen's T5 features)")
+
+    def check_features(self, text, where):
+        fix = (f"extract them with `taming-dist extract-codes RUN DATA OUT --text-encoder DIR "
+               f"--max-text-tokens {self.cond.context_len}` and train on OUT")
+        if text is None:
+            raise ValueError(f"condition.kind=text needs text features, and the codes folder {where} has none "
+                             f"(its manifest.json records no `text`): {fix}")
+        width, gpt = text.get("width"), self.cfg.gpt
+        if width != gpt.context_dim:
+            raise ValueError(f"the text features of {where} are {width} wide ({text.get('encoder')}), the model's "
+                             f"gpt.context_dim is {gpt.context_dim}: set transformer.gpt.context_dim={width}, or "
+                             f"extract the features with the encoder the model is configured for")
+        if text.get("max_length", 0) > self.cond.context_len:
+            raise ValueError(f"the text features of {where} hold up to {text['max_length']} tokens per caption, "
+                             f"condition.context_len is {self.cond.context_len}: set "
+                             f"transformer.condition.context_len={text['max_length']} (sampling encodes prompts "
+                             f"to that length), or re-extract with --max-text-tokens {self.cond.context_len}")
+        recorded = os.path.basename(os.path.normpath(self.cond.text_encoder)) if self.cond.text_encoder else ""
+        if recorded and text.get("encoder") and recorded != text["encoder"]:
+            raise ValueError(f"the text features of {where} come from encoder {text['encoder']!r}, the model's "
+                             f"condition.text_encoder is {self.cond.text_encoder!r}: prompts at sampling time go "
+                             f"through that encoder, so both must be the same. Set "
+                             f"transformer.condition.text_encoder to the folder the features came from, or "
+                             f"re-extract them with {self.cond.text_encoder}")
 
     def gpt_config(self) -> GPTConfig:
         gpt = self.cfg.gpt

@@ -6,6 +6,7 @@ the batches carry pre-extracted codes and the first stage only decodes sample im
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -49,6 +50,14 @@ class TransformerTask:
                 "stage=transformer needs first_stage_ckpt (a trained VQGAN: model folder, run folder or file) "
                 "unless data.kind=codes or init_from holds the whole model"
             )
+        if cfg.data.kind == "codes" and os.path.exists(cfg.data.path):
+            # a text model without fitting features fails here, not at its first batch (a brace pattern
+            # has no manifest: its batches are checked as they come; a missing folder is the stream's error)
+            from taming_dist.data.shards import resolve_shards
+
+            _, manifest = resolve_shards(cfg.data.path)
+            if manifest is not None:
+                model.condition.check_features(manifest.get("text"), cfg.data.path)
         if mcfg.condition.cond_ckpt:  # kind=tokens (the config check refuses it elsewhere)
             model.cond_stage_model.load_state_dict(read_weights(mcfg.condition.cond_ckpt), strict=True)
         if cfg.init_from:

@@ -113,6 +113,27 @@ def test_extract_codes_with_text_features_on_two_ranks_and_read_back(tmp_path, e
     with pytest.raises(ValueError, match="extract-codes RUN DATA OUT --text-encoder DIR"):
         model.make_training_inputs({"codes": batch["codes"], "label": batch["label"]})
 
+    # ... and at start-up, before any step, when the task is built on the codes folder
+    from taming_dist.engines import DistEnv, build_engine
+    from taming_dist.train.loop import build_task
+
+    def task_on(path, *extra):
+        cfg = load_config("transformer-text-tiny", [f"data.path={path}", f"transformer.gpt.context_dim={WIDTH}",
+                                                     "transformer.condition.context_len=8", *extra])
+        return build_task(cfg, build_engine(cfg.engine, DistEnv(), torch.device("cpu")), 1)
+
+    assert task_on(out, "transformer.condition.text_encoder=/models/t5").model.condition.kind == "text"
+    plain = str(tmp_path / "plain")
+    extract_codes(StandInVQ(), data, plain, batch_size=5, n_embed=64)
+    for path, extra, match in [
+            (plain, [], r"codes folder .*plain has none \(its manifest.json records no `text`\): extract them "
+                        r"with `taming-dist extract-codes RUN DATA OUT --text-encoder DIR --max-text-tokens 8`"),
+            (out, ["transformer.gpt.context_dim=16"], "are 24 wide .*set transformer.gpt.context_dim=24"),
+            (out, ["transformer.condition.context_len=4"], "up to 8 tokens .*condition.context_len=8"),
+            (out, ["transformer.condition.text_encoder=clip"], "come from encoder 't5'.*text_encoder is 'clip'")]:
+        with pytest.raises(ValueError, match=match):
+            task_on(path, *extra)
+
 
 def test_bf16_features_round_trip(tmp_path, encoders):
     from taming_dist.data.codes import text_from_numpy, text_to_numpy

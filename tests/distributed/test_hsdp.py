@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from tests.distributed.test_engine_equivalence import EMA, HARNESS, spec, update_mismatches
+from tests.distributed.test_engine_equivalence import EMA, HARNESS, TEXT, TEXT_ZERO, spec, update_mismatches
 from tests.distributed.util import run
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -33,8 +33,10 @@ def runs(tmp_path_factory):
     for d in (two, back):
         (d / "ckpt_hsdp").symlink_to(four / "ckpt_hsdp", target_is_directory=True)
     run([HARNESS, str(one), spec("transformer", "single"), spec("vqgan", "single"), spec("transformer", "single", EMA),
+         spec("transformer", "single", TEXT),
          spec("transformer", "single", EMA, "save=2", "tag=one")], timeout=600)
     run([HARNESS, str(four), spec("transformer", "fsdp", HSDP), spec("vqgan", "fsdp", HSDP),
+         spec("transformer", "fsdp", HSDP, TEXT),
          spec("transformer", "fsdp", HSDP, EMA, "save=2", "tag=hsdp"), spec("transformer", "fsdp", HSDP, EMA, "resume=one")],
         nproc=4, timeout=900)
     run([HARNESS, str(two), spec("transformer", "ddp", EMA, "resume=hsdp"), spec("transformer", "fsdp", EMA, "resume=hsdp")],
@@ -43,14 +45,20 @@ def runs(tmp_path_factory):
     return {"one": one, "four": four, "two": two, "back": back}
 
 
-@pytest.mark.parametrize("stage", ["vqgan", "transformer"])
+# the text row (issue 23): cross-attention over caption features with a key padding mask and a
+# learned projection, as in test_engine_equivalence's text rows
+@pytest.mark.parametrize("stage", ["vqgan", "transformer", "text"])
 def test_hsdp_updates_match_one_process(runs, stage):
-    ref_r, ref = _load(runs["one"], spec(stage, "single"))
-    got_r, got = _load(runs["four"], spec(stage, "fsdp", HSDP))
+    extra, exclude = ((TEXT,), TEXT_ZERO) if stage == "text" else ((), None)
+    stage = "transformer" if stage == "text" else stage
+    ref_r, ref = _load(runs["one"], spec(stage, "single", *extra))
+    got_r, got = _load(runs["four"], spec(stage, "fsdp", HSDP, *extra))
     for a, b in zip(ref_r["history"], got_r["history"]):
         assert abs(a["loss"] - b["loss"]) <= 1e-5 * max(1.0, abs(a["loss"])), (a, b)
     assert got_r["replica_spread"] == 0.0
-    bad = update_mismatches(ref, got)
+    if extra:
+        assert "context_proj.weight" in got["updates"]["transformer"]
+    bad = update_mismatches(ref, got, exclude=exclude)
     assert not bad, "\n".join(bad)
 
 

@@ -218,11 +218,16 @@ class CheckpointManager:
                 _load_v2(path, state, eng, same_world=manifest["world_size"] == eng.world_size)
             else:
                 wanted = {k: v for k, v in state.items() if not (isinstance(v, PerRank) and v.skipped)}
+                saved = set(dcp.FileSystemReader(str(path / "state")).read_metadata().state_dict_metadata)
+                for name, part in wanted.items():
+                    if isinstance(part, PerRank):
+                        part.expect(name, saved)
                 with single_process_dcp_quiet():
                     dcp.load(wanted, checkpoint_id=str(path / "state"))
         finally:
             for part in per_rank:  # the next save writes each rank's own state under its own key
                 part.resume_from(eng.world_size, eng.world_size)
+                part.absent = set()
         return manifest
 
 

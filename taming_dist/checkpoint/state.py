@@ -59,7 +59,15 @@ class TrainState:
 
 
 class RNGState:
-    """This process's torch (and CUDA), numpy and Python RNG states as tensors and plain values."""
+    """This process's torch (and CUDA), numpy and Python RNG states as tensors and plain values.
+    The CUDA state is optional: a checkpoint written on a machine without CUDA has none, and a run
+    on GPUs resumes from it with its CUDA generator as seeded (PerRank leaves out what is absent)."""
+
+    optional = ("cuda",)
+
+    @staticmethod
+    def has_cuda() -> bool:
+        return torch.cuda.is_available()
 
     def state_dict(self) -> dict:
         kind, keys, pos, has_gauss, cached = np.random.get_state()
@@ -71,7 +79,7 @@ class RNGState:
             "python": {"version": version, "state": torch.tensor(py_state, dtype=torch.int64),
                        "gauss_next": gauss_next},
         }
-        if torch.cuda.is_available():
+        if self.has_cuda():
             state["cuda"] = torch.cuda.get_rng_state()
         return state
 
@@ -82,7 +90,7 @@ class RNGState:
                              n["cached_gaussian"]))
         p = state["python"]
         random.setstate((p["version"], tuple(int(x) for x in p["state"].tolist()), p["gauss_next"]))
-        if "cuda" in state and torch.cuda.is_available():
+        if "cuda" in state and self.has_cuda():
             torch.cuda.set_rng_state(state["cuda"])
 
 
@@ -96,6 +104,16 @@ class PerRank:
             raise ValueError(f"on_resize {on_resize!r} is not one of rank0, skip")
         self.inner, self.rank, self.on_resize = inner, rank, on_resize
         self.read_rank: int | None = rank
+        self.absent: set[str] = set()  # the inner's optional keys the checkpoint being loaded lacks
+
+    def expect(self, name: str, saved: set[str]) -> None:
+        """Before a load: note which of the inner's optional keys the checkpoint lacks (`saved`: its
+        flattened keys, `name`: this part's key in the state dict), so that the load asks for
+        nothing the checkpoint does not hold (DCP fails on any key it cannot find)."""
+        prefix = f"{name}.{rank_key(self.read_rank)}." if self.read_rank is not None else None
+        self.absent = {k for k in getattr(self.inner, "optional", ())
+                       if prefix is not None and not any(s == prefix + k or s.startswith(prefix + k + ".")
+                                                         for s in saved)}
 
     def resume_from(self, saved_world_size: int, world_size: int) -> None:
         if saved_world_size == world_size:
@@ -110,7 +128,8 @@ class PerRank:
 
     def state_dict(self) -> dict:
         rank = self.rank if self.read_rank is None else self.read_rank
-        return {rank_key(rank): self.inner.state_dict()}
+        inner = self.inner.state_dict()
+        return {rank_key(rank): {k: v for k, v in inner.items() if k not in self.absent}}
 
     def load_state_dict(self, state: dict) -> None:
         self.inner.load_state_dict(state[rank_key(self.read_rank)])

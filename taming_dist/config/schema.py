@@ -79,8 +79,20 @@ class QuantizerConfig:
     entropy_group_bits: int = 10
 
     def validate(self) -> None:
+        # The one place the quantizer kind and the options each kind allows are checked
+        # (models/quantize.py's factory only maps the kind to its class).
         if self.kind not in ("vq", "ema", "gumbel", "l2", "fsq", "lfq"):
             raise ValueError(f"quantizer.kind {self.kind!r} is not one of vq, ema, gumbel, l2, fsq, lfq")
+        if self.dead_code_threshold > 0 and self.kind not in ("vq", "ema"):
+            raise ValueError(
+                f"quantizer.dead_code_threshold={self.dead_code_threshold} is only supported by kinds vq and ema, "
+                f"not {self.kind!r}; set it to 0"
+            )
+        if self.kmeans_init and self.kind not in ("vq", "ema", "l2"):
+            why = ("its codes are chosen by a learned projection, not by distance" if self.kind == "gumbel" else
+                   "its codebook is a fixed implicit grid with nothing to initialise")
+            raise ValueError(f"quantizer.kmeans_init is supported by kinds vq, ema and l2, not {self.kind} ({why}); "
+                             "set it to false")
         if self.levels and self.kind != "fsq":
             raise ValueError(f"quantizer.levels {self.levels} is only used by kind fsq, not {self.kind}; remove it")
         if self.kind == "fsq":

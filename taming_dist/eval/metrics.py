@@ -2,8 +2,9 @@
 
 PSNR and SSIM take images in [0, data_range] and return one value per image. The accumulators
 keep float64 sums and counts; `compute()` sums them over ranks with the `all_reduce_fn` they were
-given (in place or returning the sum, as the quantizers' `reduce_fn`; a no-op by default), so this
-module never imports torch.distributed and a test can stand in for two ranks.
+given at construction (in place or returning the sum, as `Collectives.reduce` in
+models/collectives.py; a no-op by default), so this module never imports torch.distributed and a
+test can stand in for two ranks.
 """
 from __future__ import annotations
 

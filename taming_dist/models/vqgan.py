@@ -10,19 +10,24 @@ import torch.nn as nn
 
 from taming_dist.config.schema import VQModelConfig
 from taming_dist.models.blocks import AttnBlock, Decoder, Encoder, ResnetBlock
-from taming_dist.models.quantize import build_quantizer
+from taming_dist.models.collectives import ONE_PROCESS, Collectives
+from taming_dist.models.quantize import quantizer_class
 from taming_dist.weights.folder import load_pretrained
 
 
 class VQModel(nn.Module):
     """x (B, 3, R, R) in [-1, 1] -> encoder -> quant_conv -> quantize -> post_quant_conv -> decoder.
 
-    For the gumbel kind the original GumbelVQ feeds quant_conv's output to `quantize.proj`, which it
-    builds with z_channels inputs; quant_conv therefore maps z_channels -> z_channels there (the
-    original's z_channels -> embed_dim only ran because its configs have embed_dim == z_channels).
+    quant_conv maps z_channels to the quantizer's input width (`input_channels`): embed_dim, or for
+    the gumbel kind z_channels, since the original GumbelVQ feeds quant_conv's output to
+    `quantize.proj`, which it builds with z_channels inputs (the original's z_channels -> embed_dim
+    only ran because its configs have embed_dim == z_channels).
+
+    `collectives` (models/collectives.py; one process by default) is what the quantizer's training
+    forward needs from the data-parallel group, given here and nowhere else.
     """
 
-    def __init__(self, config: VQModelConfig):
+    def __init__(self, config: VQModelConfig, collectives: Collectives = ONE_PROCESS):
         super().__init__()
         config.validate()
         dd, q = config.ddconfig, config.quantizer
@@ -32,9 +37,9 @@ class VQModel(nn.Module):
         self.config = config
         self.encoder = Encoder(dd)
         self.decoder = Decoder(dd)
-        quant_dim = dd.z_channels if q.kind == "gumbel" else q.embed_dim
-        self.quant_conv = nn.Conv2d(dd.z_channels, quant_dim, kernel_size=1)
-        self.quantize = build_quantizer(q, dd.z_channels)
+        quantizer = quantizer_class(q)
+        self.quant_conv = nn.Conv2d(dd.z_channels, quantizer.input_channels(q, dd.z_channels), kernel_size=1)
+        self.quantize = quantizer.from_config(q, dd.z_channels, collectives)
         self.post_quant_conv = nn.Conv2d(q.embed_dim, dd.z_channels, kernel_size=1)
 
     @property

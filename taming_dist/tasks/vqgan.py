@@ -22,6 +22,7 @@ import torch.nn as nn
 from taming_dist.config import RunConfig
 from taming_dist.engines.base import Engine, lr_lambda_for
 from taming_dist.losses.vqgan import VQGANLoss, update_lecam_ema
+from taming_dist.models.collectives import Collectives
 from taming_dist.models.discriminator import NLayerDiscriminator
 from taming_dist.models.quantize import fold_code_offset
 from taming_dist.models.vqgan import VQModel
@@ -59,17 +60,18 @@ class VQGANTask:
     def __init__(self, cfg: RunConfig, engine: Engine, grad_accum: int):
         self.cfg, self.engine, self.grad_accum = cfg, engine, grad_accum
         t = cfg.train
-        model = VQModel(cfg.vqgan)
-        disc = RealFakeDiscriminator(NLayerDiscriminator(cfg.loss.discriminator), lecam=cfg.loss.lecam_weight > 0)
+        # What the quantizer (code counts, EMA statistics, k-means, restarts, LFQ's entropy) and
+        # ActNorm's data-dependent init need from the data-parallel group, given to the models'
+        # constructors: k-means and restarts draw rows of the global batch on rank 0 (broadcast)
+        # and fetch them from the rank that holds them.
+        collectives = Collectives(reduce=engine.reduce_fn(), broadcast=engine.broadcast_fn(),
+                                  rank=engine.env.rank, world_size=engine.world_size)
+        model = VQModel(cfg.vqgan, collectives=collectives)
+        disc = RealFakeDiscriminator(NLayerDiscriminator(cfg.loss.discriminator, collectives=collectives),
+                                     lecam=cfg.loss.lecam_weight > 0)
         if cfg.init_from:
             load_init_weights(cfg.init_from, {"generator": model, "discriminator": disc.discriminator}, engine.is_main)
         self.quantizer = model.quantize
-        model.quantize.reduce_fn = engine.reduce_fn()
-        # k-means init and dead-code restarts draw rows of the global batch on rank 0 (broadcast)
-        # and fetch them from the rank that holds them.
-        model.quantize.broadcast_fn = engine.broadcast_fn()
-        model.quantize.dp_rank, model.quantize.dp_size = engine.env.rank, engine.world_size
-        disc.discriminator.set_reduce_fn(engine.reduce_fn())  # ActNorm's data-dependent init
         self.loss = VQGANLoss(cfg.loss).to(engine.device)
         self._conv_out_in: torch.Tensor | None = None
         model.decoder.conv_out.register_forward_hook(self._capture_conv_out_input)

@@ -17,6 +17,7 @@ fp64), EMA the same way, and (single process) each tensor's gradient norm at ste
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -172,8 +173,10 @@ def _break(engine, task, opts, env):
 
         engine.accumulate = accumulate
     elif kind == "quantizer_unplaced":
-        # every rank believes it holds the first rows of the global batch (k-means, restarts)
-        task.G.raw.quantize.dp_rank = 0
+        # every rank believes it holds the first rows of the global batch (k-means, restarts): the
+        # one place collectives are swapped after construction, a deliberate fault
+        q = task.G.raw.quantize
+        q.collectives = dataclasses.replace(q.collectives, rank=0)
     elif kind:
         raise ValueError(f"unknown break={kind}")
 

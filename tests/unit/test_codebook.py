@@ -1,7 +1,7 @@
 """Codebooks that stay in use: k-means initialisation, dead-code restarts over ranks, rolling usage.
 
 Two data-parallel ranks are simulated with threads and barrier-synchronised collectives (the
-quantizers take their collectives as functions), so a rank's view can be compared with the other
+quantizers take a `Collectives` of functions at construction), so a rank's view can be compared with the other
 rank's and with one process on the whole batch, at unit-test cost. The engines themselves are
 compared in tests/distributed/test_engine_equivalence.py.
 """
@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from taming_dist.config import QuantizerConfig
+from taming_dist.models.collectives import Collectives
 from taming_dist.models.quantize import (
     EMAVectorQuantizer, L2Quantizer, VectorQuantizer, build_quantizer, fold_code_offset,
 )
@@ -57,6 +58,13 @@ class FakeGroup:
 
         return fn
 
+    def collectives(self, rank: int, told_rank: int | None = None, broadcast=None) -> Collectives:
+        """Rank `rank`'s collectives; `told_rank` is the place the quantizer is told it holds
+        (its rank unless a test says otherwise), `broadcast` wraps the broadcast."""
+        bcast = self.broadcast_fn(rank)
+        return Collectives(reduce=self.reduce_fn(rank), broadcast=bcast if broadcast is None else broadcast(bcast),
+                           rank=rank if told_rank is None else told_rank, world_size=self.world)
+
     def run(self, fns):
         errors = []
 
@@ -76,16 +84,11 @@ class FakeGroup:
             raise errors[0]
 
 
-def _place(q, group: FakeGroup, rank: int):
-    q.reduce_fn, q.broadcast_fn = group.reduce_fn(rank), group.broadcast_fn(rank)
-    q.dp_rank, q.dp_size = rank, group.world
-    return q
-
-
-def _replay(sent: list[torch.Tensor]):
-    """A one-process broadcast_fn that returns what rank 0 broadcast, in the same order."""
+def _replay(sent: list[torch.Tensor]) -> Collectives:
+    """One process's collectives whose broadcast returns what rank 0 broadcast, in the same order
+    (`sent` may still be filled after this call)."""
     it = iter(sent)
-    return lambda t: next(it).clone()
+    return Collectives(broadcast=lambda t: next(it).clone())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,12 +168,11 @@ def test_kmeans_over_two_ranks_equals_one_process_on_the_whole_batch():
     halves = [z[..., :64], z[..., 64:]]
     group = FakeGroup(2)
     torch.manual_seed(0)
-    ranks = [_place(VectorQuantizer(8, 2, kmeans_iters=10).train(), group, r) for r in range(2)]
+    ranks = [VectorQuantizer(8, 2, kmeans_iters=10, collectives=group.collectives(r)).train() for r in range(2)]
     ranks[1].load_state_dict(ranks[0].state_dict())
     group.run([lambda r=r: ranks[r](halves[r]) for r in range(2)])
-    one = VectorQuantizer(8, 2, kmeans_iters=10).train()
+    one = VectorQuantizer(8, 2, kmeans_iters=10, collectives=_replay(group.sent)).train()
     one.load_state_dict(ranks[0].state_dict() | {"kmeans_done": torch.zeros(()), "code_offset": torch.zeros(8, 2)})
-    one.broadcast_fn = _replay(group.sent)
     one(z)
     assert torch.equal(ranks[0].codebook(), ranks[1].codebook())
     assert torch.allclose(ranks[0].codebook(), one.codebook(), atol=1e-6)
@@ -179,17 +181,16 @@ def test_kmeans_over_two_ranks_equals_one_process_on_the_whole_batch():
     # local row i lands on the same global row), and the ranks' start differs from one process.
     group = FakeGroup(2)
     torch.manual_seed(0)
-    bad = [_place(VectorQuantizer(8, 2, kmeans_iters=10).train(), group, r) for r in range(2)]
+    bad = [VectorQuantizer(8, 2, kmeans_iters=10, collectives=group.collectives(r, told_rank=0)).train()
+           for r in range(2)]
     bad[1].load_state_dict(bad[0].state_dict())
-    for q in bad:
-        q.dp_rank = 0
     group.run([lambda r=r: bad[r](halves[r]) for r in range(2)])
     assert not torch.allclose(bad[0].codebook(), one.codebook(), atol=1e-3)
 
 
 def test_kmeans_refuses_unequal_rank_batches():
     group = FakeGroup(2)
-    qs = [_place(VectorQuantizer(4, 2, kmeans_iters=2).train(), group, r) for r in range(2)]
+    qs = [VectorQuantizer(4, 2, kmeans_iters=2, collectives=group.collectives(r)).train() for r in range(2)]
     z = _blob_batch(n_per=8)
     with pytest.raises(ValueError, match="same micro-batch size"):
         group.run([lambda: qs[0](z[..., :10]), lambda: qs[1](z[..., 10:])])
@@ -206,16 +207,15 @@ def test_restarts_replace_exactly_the_dead_codes_on_every_rank():
     codes = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [100.0, 100.0]])
     rank_data = [torch.tensor([[0.1, 0.0], [9.0, 0.1]]), torch.tensor([[0.0, 9.5], [0.2, 9.0]])]
     group = FakeGroup(2)
+    pick = torch.tensor([3])  # global row 3 = rank 1's second vector
     qs = []
     for r in range(2):
-        q = _place(VectorQuantizer(4, 2, dead_code_threshold=0.5, usage_decay=0.0).train(), group, r)
+        # rank 0 broadcasts `pick` instead of its own draw
+        c = group.collectives(r, broadcast=lambda f, r=r: lambda t: f(pick.clone() if r == 0 else t))
+        q = VectorQuantizer(4, 2, dead_code_threshold=0.5, usage_decay=0.0, collectives=c).train()
         with torch.no_grad():
             q.embedding.weight.copy_(codes)
         qs.append(q)
-    pick = torch.tensor([3])  # global row 3 = rank 1's second vector
-    real = [q.broadcast_fn for q in qs]
-    for r, q in enumerate(qs):
-        q.broadcast_fn = lambda t, f=real[r], r=r: f(pick.clone() if r == 0 else t)
     infos = [None, None]
 
     def step(r):
@@ -241,13 +241,13 @@ def test_ema_restarts_over_ranks_match_one_process():
     z = torch.randn(2, 4, 4, 4) * 3
     halves = [z[:1], z[1:]]  # rank r holds image r: global rows r*16 .. r*16+15
     group = FakeGroup(2)
-    qs = [_place(EMAVectorQuantizer(16, 4, decay=0.0, dead_code_threshold=0.5).train(), group, r) for r in range(2)]
+    qs = [EMAVectorQuantizer(16, 4, decay=0.0, dead_code_threshold=0.5, collectives=group.collectives(r)).train()
+          for r in range(2)]
     qs[1].load_state_dict(qs[0].state_dict())
-    one = EMAVectorQuantizer(16, 4, decay=0.0, dead_code_threshold=0.5).train()
+    one = EMAVectorQuantizer(16, 4, decay=0.0, dead_code_threshold=0.5, collectives=_replay(group.sent)).train()
     one.load_state_dict(qs[0].state_dict())
     group.run([lambda r=r: qs[r](halves[r]) for r in range(2)])
     assert group.sent and group.sent[0].numel() > 0  # codes were restarted
-    one.broadcast_fn = _replay(group.sent)
     info = one(z)[2]
     assert float(info["restarted"]) == group.sent[0].numel()
     for q in qs:
@@ -288,14 +288,13 @@ def test_window_usage_counts_codes_of_the_last_tokens():
 
 def test_counts_are_kept_back_for_the_step_without_restarts_and_reduced_per_forward_with_them():
     calls = []
-    q = VectorQuantizer(4, 2).train()
-    q.reduce_fn = lambda t: calls.append(t.shape) or t
+    counting = Collectives(reduce=lambda t: calls.append(t.shape) or t)
+    q = VectorQuantizer(4, 2, collectives=counting).train()
     z = torch.randn(1, 2, 2, 2)
     q(z)
     q(z)
     assert calls == [] and float(q.take_step_counts().sum()) == 8  # two forwards of 4 vectors, no collective
-    r = VectorQuantizer(4, 2, dead_code_threshold=0.5).train()
-    r.reduce_fn = lambda t: calls.append(t.shape) or t
+    r = VectorQuantizer(4, 2, dead_code_threshold=0.5, collectives=counting).train()
     r(z)
     assert calls and r.take_step_counts() is None  # restarts need the global counts in the forward
 

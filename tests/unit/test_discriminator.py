@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from taming_dist.config import DiscriminatorConfig
+from taming_dist.models.collectives import Collectives
 from taming_dist.models.discriminator import ActNorm, NLayerDiscriminator
 
 
@@ -48,18 +49,17 @@ def test_actnorm_data_dependent_init():
     d(torch.randn(4, 3, 32, 32))  # later batches do not re-initialise
     assert torch.equal(acts[0].loc.detach(), loc)
     assert set(acts[0].state_dict()) == {"loc", "scale", "initialized"}
-    fn = lambda t: t  # noqa: E731
-    d.set_reduce_fn(fn)
-    assert all(a.reduce_fn is fn for a in acts)
+    c = Collectives(reduce=lambda t: t)
+    d = NLayerDiscriminator(DiscriminatorConfig(ndf=8, n_layers=2, norm="actnorm"), collectives=c)
+    assert all(a.collectives is c for a in d.modules() if isinstance(a, ActNorm))  # given at construction
 
 
-def test_actnorm_init_is_global_through_reduce_fn():
-    """Two ranks each holding half the batch, summed through reduce_fn, init as one holding all."""
+def test_actnorm_init_is_global_through_its_collectives():
+    """Two ranks each holding half the batch, summed through the collectives' reduce, init as one holding all."""
     torch.manual_seed(0)
     x = torch.randn(4, 5, 3, 3) * 2 + 0.5
     whole = ActNorm(5).train()
     whole(x)
-    half = ActNorm(5).train()
     other = x[2:].transpose(0, 1).reshape(5, -1)
     # The other rank's contribution to each of the two reductions (sums + count, then squared deviations).
     pending = [torch.cat([other.sum(1), torch.tensor([other.shape[1] * 1.0])])]
@@ -71,6 +71,6 @@ def test_actnorm_init_is_global_through_reduce_fn():
             return t + pending.pop()
         return t + (other - global_mean).pow(2).sum(1)
 
-    half.reduce_fn = reduce_fn
+    half = ActNorm(5, collectives=Collectives(reduce=reduce_fn)).train()
     half(x[:2])
     assert torch.allclose(half.loc, whole.loc, atol=1e-6) and torch.allclose(half.scale, whole.scale, atol=1e-5)

@@ -9,6 +9,7 @@ import torch
 from taming_dist.config import QuantizerConfig, VQLossConfig, VQModelConfig, load_config
 from taming_dist.config.schema import EncoderDecoderConfig
 from taming_dist.losses.vqgan import VQGANLoss, lecam_penalty, update_lecam_ema
+from taming_dist.models.collectives import ONE_PROCESS, Collectives
 from taming_dist.models.quantize import FiniteScalarQuantizer, LookupFreeQuantizer, build_quantizer, entropy_groups
 from taming_dist.models.vqgan import VQModel
 
@@ -20,8 +21,9 @@ def fsq(levels):
     return build_quantizer(QuantizerConfig(kind="fsq", levels=levels, n_embed=n, embed_dim=len(levels)), 4)
 
 
-def lfq(bits, **kw):
-    return build_quantizer(QuantizerConfig(kind="lfq", codebook_dim=bits, n_embed=2**bits, embed_dim=bits, **kw), 4)
+def lfq(bits, collectives=ONE_PROCESS, **kw):
+    cfg = QuantizerConfig(kind="lfq", codebook_dim=bits, n_embed=2**bits, embed_dim=bits, **kw)
+    return build_quantizer(cfg, 4, collectives)
 
 
 # -- FSQ -----------------------------------------------------------------------------------------
@@ -107,14 +109,13 @@ def test_lfq_codebook_entropy_is_the_global_batch_and_its_gradient_the_one_proce
     halves = [z[:4], z[4:]]
     local = []  # each rank's [sums | count], as its reduce receives them
     for h in halves:
-        rec = lfq(4, entropy_temperature=0.5, entropy_group_bits=2).train()
-        rec.reduce_fn = lambda t: (local.append(t.clone()), t)[1]
+        record = Collectives(reduce=lambda t: (local.append(t.clone()), t)[1])
+        rec = lfq(4, entropy_temperature=0.5, entropy_group_bits=2, collectives=record).train()
         rec.entropies(h)
     grads = []
     for r, h in enumerate(halves):
-        q = lfq(4, entropy_temperature=0.5, entropy_group_bits=2).train()
-        q.dp_rank, q.dp_size = r, 2
-        q.reduce_fn = lambda t, other=local[1 - r]: t + other
+        c = Collectives(reduce=lambda t, other=local[1 - r]: t + other, rank=r, world_size=2)
+        q = lfq(4, entropy_temperature=0.5, entropy_group_bits=2, collectives=c).train()
         hr = h.clone().requires_grad_()
         book = q.entropies(hr)[1]
         assert float(book.detach()) == pytest.approx(float(ref.detach()), rel=1e-6)

@@ -207,3 +207,57 @@ def f(p, cfg):
 ''')
     assert [h.split(" ", 1)[1] for h in engine_knowledge(bad)] == [
         "import deepspeed", "attribute ds_numel", "string 'deepspeed'"]
+
+
+# issue 22 (part 5): the collectives (models/collectives.py) reach model code through constructors
+COLLECTIVE_ATTRS = {"reduce_fn", "broadcast_fn", "dp_rank", "dp_size", "collectives"}
+
+
+def collective_assignments(path: Path) -> list[int]:
+    """Lines of `path` that hand a module its collectives after construction: an assignment to an
+    attribute named reduce_fn, broadcast_fn, dp_rank, dp_size or collectives, other than
+    `self.collectives = ...` inside an `__init__`, or a call of `set_reduce_fn`."""
+    tree = ast.parse(path.read_text())
+    allowed = {id(t) for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and f.name == "__init__"
+               for n in ast.walk(f) for t in ast.walk(n)
+               if isinstance(t, ast.Attribute) and isinstance(t.ctx, ast.Store) and t.attr == "collectives"
+               and ast.unparse(t.value) == "self"}
+    hits = []
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Attribute) and isinstance(n.ctx, ast.Store) and n.attr in COLLECTIVE_ATTRS \
+                and id(n) not in allowed:
+            hits.append(n.lineno)
+        elif isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "set_reduce_fn":
+            hits.append(n.lineno)
+    return sorted(hits)
+
+
+def test_collectives_are_never_assigned_after_construction():
+    bad = {str(f.relative_to(PKG)): lines for f in PKG.rglob("*.py") for lines in [collective_assignments(f)] if lines}
+    assert not bad, f"collectives handed over after construction (pass collectives= to the constructor): {bad}"
+
+
+def test_the_collective_assignment_check_can_fail(tmp_path):
+    f = tmp_path / "x.py"
+    f.write_text("class Q:\n    def __init__(self, c):\n        self.collectives = c\n"
+                 "model.quantize.reduce_fn = fn\nq.broadcast_fn, q.dp_rank = f, 0\nd.set_reduce_fn(fn)\n"
+                 "def later(self, c):\n    self.collectives = c\n")
+    assert collective_assignments(f) == [4, 5, 5, 6, 8]
+
+
+def test_the_vqgan_task_builds_its_models_with_the_engines_collectives():
+    tree = ast.parse((PKG / "tasks" / "vqgan.py").read_text())
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
+             and n.func.id in ("VQModel", "NLayerDiscriminator")]
+    assert len(calls) == 2 and all("collectives" in {k.arg for k in c.keywords} for c in calls)
+
+
+def test_the_quantizer_kind_is_dispatched_only_by_the_config_and_the_factory():
+    # QuantizerConfig.validate checks the kind and its options; models/quantize.py maps it to a class.
+    # (The exporters' format tables, checkpoint/ and interop/, say which kinds a format can hold.)
+    kinds = {"vq", "ema", "gumbel", "l2", "fsq", "lfq"}
+    files = _files("models", "tasks", "losses", "train", "engines")
+    hits = [f"{f.name}:{n.lineno}" for f in files for n in ast.walk(ast.parse(f.read_text()))
+            if isinstance(n, ast.Compare) and (kinds & {c.value for c in ast.walk(n) if isinstance(c, ast.Constant)}
+                                               or re.search(r"\bq(uantizer)?\.kind\b", ast.unparse(n)))]
+    assert not hits, f"quantizer kind compared outside the config's validation (ask the quantizer class): {hits}"

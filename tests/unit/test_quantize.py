@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from taming_dist.config import QuantizerConfig
+from taming_dist.models.collectives import Collectives
 from taming_dist.models.quantize import (
     EMAVectorQuantizer,
     GumbelQuantize,
@@ -74,19 +75,18 @@ def test_ema_update_laplace_formula():
     assert "embedding.weight" in q.state_dict() and not list(q.parameters())
 
 
-def test_ema_reduce_fn_is_the_global_batch():
+def test_ema_reduce_is_the_global_batch():
     """Two identical ranks (reduce doubles) == one process holding both halves of the batch."""
     torch.manual_seed(0)
-    a = EMAVectorQuantizer(8, 4, decay=0.9)
+    calls = []
+    a = EMAVectorQuantizer(8, 4, decay=0.9, collectives=Collectives(reduce=lambda t: (calls.append(t.shape), t.mul_(2))[1]))
     b = EMAVectorQuantizer(8, 4, decay=0.9)
     b.load_state_dict(a.state_dict())
-    calls = []
-    a.reduce_fn = lambda t: (calls.append(t.shape), t.mul_(2))[1]
     z = torch.randn(2, 4, 3, 3)
     for _ in range(3):
         _, _, ia = a(z)
         _, _, ib = b(torch.cat([z, z]))
-    assert calls, "reduce_fn was never called"
+    assert calls, "the collectives. reduce was never called"
     assert torch.allclose(a.embedding.weight, b.embedding.weight, atol=1e-6)
     assert not torch.allclose(a.embedding.weight, EMAVectorQuantizer(8, 4).embedding.weight)
     assert torch.allclose(ia["perplexity"], ib["perplexity"])
@@ -131,30 +131,30 @@ def test_l2_codes_are_unit_norm_before_out_proj():
 
 
 def test_perplexity_and_usage_known_assignment():
-    q = VectorQuantizer(4, 2)
+    calls = []
+    q = VectorQuantizer(4, 2, collectives=Collectives(reduce=lambda t: calls.append(1)))  # in place no-op returning None
     _set_codebook(q, [[0, 0], [10, 0], [0, 10], [10, 10]])
     z = _grid([[0.1, 0], [0, 0.1], [9, 0], [10, 1]])  # codes 0, 0, 1, 1
-    calls = []
-    q.reduce_fn = lambda t: calls.append(1)  # in place no-op returning None
     q.eval()
     _, _, info = q(z)
     assert info["perplexity"].item() == pytest.approx(2.0, rel=1e-5)
     assert info["usage"].item() == pytest.approx(0.5)
     assert not calls, "eval must not enter a collective"
-    q.train()
-    q.reduce_fn = lambda t: t * 2  # returning the sum, as two identical ranks
+    # returning the sum, as two identical ranks
+    q = VectorQuantizer(4, 2, collectives=Collectives(reduce=lambda t: t * 2)).train()
+    _set_codebook(q, [[0, 0], [10, 0], [0, 10], [10, 10]])
     _, _, info = q(z)
     assert info["perplexity"].item() == pytest.approx(2.0, rel=1e-5)
 
 
 def test_dead_code_restart_replaces_unused_code():
     torch.manual_seed(0)
-    q = VectorQuantizer(4, 2, dead_code_threshold=0.5, usage_decay=0.0).train()
+    sent = []
+    q = VectorQuantizer(4, 2, dead_code_threshold=0.5, usage_decay=0.0,
+                        collectives=Collectives(broadcast=lambda t: sent.append(t.clone()))).train()
     codes = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [100.0, 100.0]])
     _set_codebook(q, codes.tolist())
     z = _grid([[0.1, 0.0], [9.0, 0.1], [0.0, 9.5], [0.2, 9.0]])  # code 3 is never hit
-    sent = []
-    q.broadcast_fn = lambda t: sent.append(t.clone())
     q(z)
     w = q.codebook().detach()  # the parameter stays; the restart is written through code_offset
     assert torch.equal(w[:3], codes[:3]) and torch.equal(q.embedding.weight.detach(), codes)
@@ -178,9 +178,9 @@ def test_ema_dead_code_restart_resets_statistics():
 
 def test_dead_code_restart_uses_broadcast_result():
     for row in (0, 1):
-        q = VectorQuantizer(2, 2, dead_code_threshold=0.5, usage_decay=0.0).train()
+        arriving = Collectives(broadcast=lambda t: torch.full_like(t, row))  # rank 0's choice arriving from elsewhere
+        q = VectorQuantizer(2, 2, dead_code_threshold=0.5, usage_decay=0.0, collectives=arriving).train()
         _set_codebook(q, [[0.0, 0.0], [50.0, 50.0]])
-        q.broadcast_fn = lambda t: torch.full_like(t, row)  # rank 0's choice arriving from elsewhere
         q(_grid([[0.1, 0.0], [0.0, 0.1]]))
         assert torch.allclose(q.codebook()[1].detach(), torch.tensor([[0.1, 0.0], [0.0, 0.1]])[row], atol=1e-5)
 

@@ -79,7 +79,8 @@ def test_ema_reduce_is_the_global_batch():
     """Two identical ranks (reduce doubles) == one process holding both halves of the batch."""
     torch.manual_seed(0)
     calls = []
-    a = EMAVectorQuantizer(8, 4, decay=0.9, collectives=Collectives(reduce=lambda t: (calls.append(t.shape), t.mul_(2))[1]))
+    doubling = Collectives(reduce=lambda t: (calls.append(t.shape), t.mul_(2))[1])
+    a = EMAVectorQuantizer(8, 4, decay=0.9, collectives=doubling)
     b = EMAVectorQuantizer(8, 4, decay=0.9)
     b.load_state_dict(a.state_dict())
     z = torch.randn(2, 4, 3, 3)
@@ -132,7 +133,8 @@ def test_l2_codes_are_unit_norm_before_out_proj():
 
 def test_perplexity_and_usage_known_assignment():
     calls = []
-    q = VectorQuantizer(4, 2, collectives=Collectives(reduce=lambda t: calls.append(1)))  # in place no-op returning None
+    in_place_noop = Collectives(reduce=lambda t: calls.append(1))  # returns None: the tensor itself
+    q = VectorQuantizer(4, 2, collectives=in_place_noop)
     _set_codebook(q, [[0, 0], [10, 0], [0, 10], [10, 10]])
     z = _grid([[0.1, 0], [0, 0.1], [9, 0], [10, 1]])  # codes 0, 0, 1, 1
     q.eval()

@@ -22,6 +22,10 @@ def add_arguments(parser) -> None:
                         help="local InceptionV3 weights for rFID (pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
                              "or torchvision's inception_v3_google-0cc3c7bd.pth); rFID is left out without it")
     parser.add_argument("--examples", type=int, default=8, help="originals/reconstruction pairs in the grid")
+    parser.add_argument("--max-corrupt-fraction", type=float, default=0.01,
+                        help="unreadable samples are skipped and counted (`skipped_samples`); more than this "
+                             "fraction of a shard (of 100 or more samples) is an error, as data.max_corrupt_fraction "
+                             "in training")
 
 
 def _lpips(args, notes: list, device):
@@ -88,7 +92,7 @@ def run(args) -> int:
     metrics, examples = evaluate_reconstruction(
         model, folder, size=size, batch_size=args.batch_size, device=device, rank=env.rank,
         world_size=env.world_size, all_reduce_fn=all_reduce_sum(device), lpips=lpips, inception=inception,
-        max_samples=args.max_samples, num_examples=args.examples)
+        max_samples=args.max_samples, num_examples=args.examples, max_corrupt_fraction=args.max_corrupt_fraction)
     if env.rank == 0:
         report = {"model": os.path.abspath(args.model), "data": os.path.abspath(folder), "size": size,
                   "world_size": env.world_size, **metrics, "notes": notes}

@@ -30,9 +30,9 @@ import torch
 
 from taming_dist.progress import progress
 
-from .shards import TEXT_FIELD, caption_status, read_manifest, tar_samples, write_json_atomic, write_manifest, write_tar
-from .stream import check_corrupt_fraction
-from .transforms import find_image_field, hflip_images, load_image, to_float
+from .decode import CorruptCount, DecodeSpec, read_shard
+from .shards import TEXT_FIELD, caption_status, read_manifest, write_json_atomic, write_manifest, write_tar
+from .transforms import hflip_images, to_float
 
 FORMAT = "taming_dist.codes"
 CODES_NAME = "codes-r{rank}-{index:06d}.tar"
@@ -79,28 +79,13 @@ def text_from_numpy(arr: np.ndarray, dtype: str) -> torch.Tensor:
 
 def _read_shard(url: str, size: int, max_fraction: float, captions: bool = False):
     """(key, uint8 (3, size, size), label, caption or None) of every readable sample of one shard,
-    in tar order, center-cropped; unreadable samples are counted in the returned Counter. With
-    `captions`, a sample without a readable caption (`txt`) is an error naming the fix."""
-    errors = Counter()
-
-    def handler(exn: Exception) -> bool:
-        errors["shard_errors"] += 1
-        return True
+    in tar order, center-cropped, and the shard's CorruptCount (data/decode.py: the same decode loop
+    and count as training streams). With `captions`, a sample without a readable caption (`txt`) is
+    an error naming the fix."""
+    count = CorruptCount(max_fraction, source=url)
 
     def samples():
-        for sample in tar_samples([{"url": url}], handler):
-            errors["seen"] += 1
-            try:
-                label = int(sample["cls"])
-                ext = find_image_field(sample)
-                if ext is None:
-                    raise KeyError("no image field")
-                image = load_image(sample[ext], size)
-            except Exception as e:  # skip and count, as the training stream does
-                errors["corrupt"] += 1
-                check_corrupt_fraction(errors["corrupt"] + errors["shard_errors"], errors["seen"], max_fraction,
-                                       f"{url} sample {sample.get('__key__')}: {type(e).__name__}: {e}")
-                continue
+        for sample, label, image in read_shard(url, DecodeSpec(size=size), count):
             caption = None
             if captions:
                 status = caption_status(sample)
@@ -112,15 +97,16 @@ def _read_shard(url: str, size: int, max_fraction: float, captions: bool = False
                 caption = sample["txt"].decode("utf-8").strip()
             yield sample["__key__"], image, label, caption
 
-    return samples(), errors
+    return samples(), count
 
 
 @torch.no_grad()
 def _encode_shard(vqgan, url: str, *, size: int, batch_size: int, flip: bool, device, dtype: np.dtype,
                   max_fraction: float, text=None, text_settings: Optional[dict] = None):
     """Encode one input shard; returns (samples for write_tar, code shape, label Counter, error
-    Counter); the error Counter also holds `truncated` captions and `text_seconds`."""
-    stream, errors = _read_shard(url, size, max_fraction, captions=text is not None)
+    Counter: `corrupt` samples, `shard_errors`, `truncated` captions, `text_seconds`)."""
+    stream, count = _read_shard(url, size, max_fraction, captions=text is not None)
+    errors = Counter()
     out, labels, shape = [], Counter(), None
 
     def flush(batch):
@@ -154,6 +140,7 @@ def _encode_shard(vqgan, url: str, *, size: int, batch_size: int, flip: bool, de
             batch = []
     if batch:
         flush(batch)
+    errors.update(corrupt=count.corrupt, shard_errors=count.shard_errors)
     return out, shape, labels, errors
 
 

@@ -27,7 +27,6 @@ DataLoader's round-robin continues with the worker that was next.
 from __future__ import annotations
 
 import functools
-import io
 import math
 import multiprocessing
 import random
@@ -40,27 +39,12 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .shards import TEXT_FIELD, resolve_shards, tar_samples
+from .decode import CorruptCount, CorruptDataError, DecodeSpec, check_corrupt_fraction, decode_samples
+from .shards import resolve_shards, tar_samples
 from .synthetic import ensure_synthetic
-from .transforms import find_image_field, load_image, to_float
+from .transforms import to_float
 
-# The corrupt fraction is only judged after this many samples, so one bad sample early on does not
-# halt a run with a 1% tolerance.
-CORRUPT_CHECK_MIN_SAMPLES = 100
-
-
-class CorruptDataError(RuntimeError):
-    """Too large a fraction of the input could not be read."""
-
-
-def check_corrupt_fraction(bad: int, seen: int, max_fraction: float, last_error: str) -> None:
-    if seen >= CORRUPT_CHECK_MIN_SAMPLES and bad > max_fraction * seen:
-        raise CorruptDataError(
-            f"{bad} of {seen} samples ({bad / seen:.1%}) were unreadable (bad image bytes, missing fields or "
-            f"truncated shards), more than data.max_corrupt_fraction={max_fraction}; last error: {last_error}. "
-            f"List them with `taming-dist shard --verify FOLDER`, re-shard the data, or raise "
-            f"data.max_corrupt_fraction"
-        )
+__all__ = ["CorruptDataError", "DataStream", "build_stream", "epoch_layout"]  # CorruptDataError: from decode.py
 
 
 def _seed(*parts: int) -> int:
@@ -143,33 +127,20 @@ class _Plan:
     quota: Optional[tuple[int, ...]] = None  # resampled: batches each worker still yields
     rotation: int = 0  # DataLoader worker i plays worker (i + rotation) % workers
     text: Optional[dict] = None  # codes with text features: the manifest's `text` (max_length, width, dtype)
+    code_len: Optional[int] = None  # codes: values per sample (the manifest's code_shape), checked per sample
 
 
-class _Counter:
-    """Per-worker counts of raw samples and of what was skipped; doubles as the webdataset handler."""
+class _Counter(CorruptCount):
+    """A worker's corrupt count (data/decode.py) over its stream; `raw_end` is one past the last raw
+    position decoded (positions after the resume skip are numbered consecutively)."""
 
     def __init__(self, plan: _Plan, worker: int):
-        self.plan, self.worker = plan, worker
-        self.raw_end = plan.skip[worker]  # one past the last raw position processed
-        self.corrupt = 0
-        self.shard_errors = 0
-        self.last_error = ""
+        super().__init__(plan.max_corrupt_fraction, source=f"data worker {worker}'s shards")
+        self.skip = plan.skip[worker]
 
-    def check(self) -> None:
-        seen = self.raw_end - self.plan.skip[self.worker] + self.shard_errors
-        check_corrupt_fraction(self.corrupt + self.shard_errors, seen, self.plan.max_corrupt_fraction, self.last_error)
-
-    def __call__(self, exn: Exception) -> bool:
-        """webdataset handler for tar-level errors (truncated or missing shards): count, then go on."""
-        self.shard_errors += 1
-        self.last_error = f"{type(exn).__name__}: {exn.args[0] if exn.args else exn}"
-        self.check()
-        return True
-
-    def sample_error(self, key: str, exn: Exception) -> None:
-        self.corrupt += 1
-        self.last_error = f"sample {key}: {type(exn).__name__}: {exn}"
-        self.check()
+    @property
+    def raw_end(self) -> int:
+        return self.skip + self.seen
 
 
 def _positions(src, skip: int):
@@ -182,34 +153,16 @@ def _positions(src, skip: int):
 
 
 def _decode(src, plan: _Plan, counter: _Counter, base: int):
-    for sample in src:
-        pos = sample["__pos__"]
-        counter.raw_end = pos + 1
+    spec = DecodeSpec(kind=plan.kind, size=plan.size, random_crop=plan.random_crop, hflip=plan.hflip,
+                      text=plan.text, code_len=plan.code_len)
+
+    def rng(sample: dict) -> random.Random:
         # Augmentation randomness from the sample's position: independent of what was skipped.
-        rng = random.Random(base << 32 | pos)
-        key = sample.get("__key__", "?")
-        try:
-            label = int(sample["cls"])
-            if plan.kind == "codes":
-                field = "codes_flip.npy" if plan.hflip and "codes_flip.npy" in sample and rng.random() < 0.5 \
-                    else "codes.npy"
-                data = np.load(io.BytesIO(sample[field]), allow_pickle=False).reshape(-1)
-                if plan.text is not None:
-                    # Stored at its true length; padded here to one length for the whole run (fixed
-                    # shapes for compile and the same padding on every rank), masked by the model.
-                    feats = np.load(io.BytesIO(sample[TEXT_FIELD]), allow_pickle=False)
-                    text = np.zeros((plan.text["max_length"], plan.text["width"]), dtype=feats.dtype)
-                    text[:len(feats)] = feats
-                    data = (data, text, len(feats))
-            else:
-                ext = find_image_field(sample)
-                if ext is None:
-                    raise KeyError("no image field")
-                data = load_image(sample[ext], plan.size, rng=rng, random_crop=plan.random_crop, hflip=plan.hflip)
-        except Exception as e:  # any decode failure: skip the sample, count it (see _Counter)
-            counter.sample_error(key, e)
-            continue
-        yield {"key": key, "data": data, "label": label, "pos": pos, "corrupt": counter.corrupt}
+        return random.Random(base << 32 | sample["__pos__"])
+
+    for sample, label, data in decode_samples(src, spec, counter, rng):
+        yield {"key": sample.get("__key__", "?"), "data": data, "label": label, "pos": sample["__pos__"],
+               "corrupt": counter.corrupt}
 
 
 def _text_tensor(arr: np.ndarray, dtype: str) -> torch.Tensor:
@@ -444,7 +397,7 @@ class DataStream:
         self.batches_in_epoch += 1
         s = self.stats()
         check_corrupt_fraction(s["corrupt"] + s["shard_errors"], s["samples"] + s["shard_errors"],
-                               self._plan.max_corrupt_fraction, self._last_error)
+                               self._plan.max_corrupt_fraction, self._last_error, source=f"rank {self._plan.rank}")
         return self._convert(raw)
 
     def _epoch_batches(self) -> Iterator[dict]:
@@ -513,6 +466,8 @@ def build_stream(cfg, *, batch_size: int, rank: int = 0, world_size: int = 1, se
         batch_size=batch_size, seed=seed, rank=rank, workers=workers,
         max_corrupt_fraction=cfg.max_corrupt_fraction, skip=(0,) * workers,
         text=(manifest or {}).get("text") if cfg.kind == "codes" else None,
+        code_len=int(np.prod(manifest["code_shape"])) if cfg.kind == "codes" and (manifest or {}).get("code_shape")
+        else None,
     )
     return DataStream(plan, num_workers=cfg.num_workers, world_size=world_size, steps_per_epoch=sum(caps),
                       worker_batches=caps, manifest=manifest)

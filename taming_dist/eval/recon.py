@@ -17,11 +17,14 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 
-from taming_dist.data.shards import read_manifest, tar_samples
-from taming_dist.data.transforms import find_image_field, load_image, to_float
+from taming_dist.data.decode import CorruptCount, DecodeSpec, read_shard
+from taming_dist.data.shards import read_manifest
+from taming_dist.data.transforms import to_float
 from taming_dist.eval.metrics import (CodebookUsage, Collective, FeatureStats, MeanMetric, fid_from_stats, psnr,
                                       reduce_sum, ssim)
 from taming_dist.progress import progress
+
+DEFAULT_MAX_CORRUPT_FRACTION = 0.01  # data.max_corrupt_fraction's default
 
 
 def all_reduce_sum(device: torch.device) -> Collective:
@@ -62,24 +65,16 @@ def _count(plan: list[tuple[str, int, int]]) -> int:
     return sum(take for _, _, take in plan)
 
 
-def read_images(plan: list[tuple[str, int, int]], size: int, errors: dict) -> Iterator[np.ndarray]:
-    """uint8 (3, size, size) center crops of the planned samples; unreadable samples and shard-level
-    errors are counted in `errors` ("skipped") and left out."""
-    def handler(exn: Exception) -> bool:
-        errors["skipped"] += 1
-        return True
-
+def read_images(plan: list[tuple[str, int, int]], size: int, counts: list[CorruptCount],
+                max_corrupt_fraction: float = DEFAULT_MAX_CORRUPT_FRACTION) -> Iterator[np.ndarray]:
+    """uint8 (3, size, size) center crops of the planned samples, read by the decode loop of training
+    streams (data/decode.py): unreadable samples and shard-level errors are skipped and counted, one
+    CorruptCount per shard appended to `counts`; too many in a shard raise CorruptDataError."""
     for url, _, take in plan:
-        for j, sample in enumerate(tar_samples([{"url": url}], handler)):
-            if j >= take:
-                break
-            ext = find_image_field(sample)
-            try:
-                if ext is None:
-                    raise KeyError("no image field")
-                yield load_image(sample[ext], size)
-            except Exception:  # a bad sample is counted and skipped, as training streams do
-                errors["skipped"] += 1
+        count = CorruptCount(max_corrupt_fraction, source=url, setting="eval-recon --max-corrupt-fraction")
+        counts.append(count)
+        for _, _, image in read_shard(url, DecodeSpec(size=size), count, take=take):
+            yield image
 
 
 def batches(images: Iterator[np.ndarray], batch_size: int) -> Iterator[torch.Tensor]:
@@ -97,18 +92,21 @@ def batches(images: Iterator[np.ndarray], batch_size: int) -> Iterator[torch.Ten
 def evaluate_reconstruction(model, folder: str, *, size: int, batch_size: int = 32, device="cpu", rank: int = 0,
                             world_size: int = 1, all_reduce_fn: Collective = lambda t: t,
                             lpips: Optional[Callable] = None, inception=None, max_samples: Optional[int] = None,
-                            num_examples: int = 8) -> tuple[dict, Optional[torch.Tensor]]:
+                            num_examples: int = 8, max_corrupt_fraction: float = DEFAULT_MAX_CORRUPT_FRACTION,
+                            ) -> tuple[dict, Optional[torch.Tensor]]:
     """Evaluate `model` (forward(x) -> (xrec, qloss, info["indices"]), `quantize.n_e` codes) on this
     rank's share of the shard folder. Every rank must call this (the final sums are collectives).
 
     `lpips(x, y)` takes images in [-1, 1] and returns per-image distances; `inception` maps images
     in [-1, 1] to (features (B, 2048), logits) and enables rFID. Returns (metrics dict, example
     images (2k, 3, S, S) in [-1, 1]: k originals then their k reconstructions, on rank 0, else None).
+    Corrupt samples are skipped and counted as in training (`max_corrupt_fraction` per shard); the
+    report's `skipped_samples` is corrupt samples plus shard-level errors, over all ranks.
     """
     start = time.time()
     model.eval()
     plan = rank_shards(folder, rank, world_size, max_samples)
-    errors = {"skipped": 0}
+    counts: list[CorruptCount] = []
     psnr_m, ssim_m = MeanMetric(all_reduce_fn), MeanMetric(all_reduce_fn)
     lpips_m = MeanMetric(all_reduce_fn) if lpips is not None else None
     usage = CodebookUsage(int(model.quantize.n_e), all_reduce_fn)
@@ -117,7 +115,7 @@ def evaluate_reconstruction(model, folder: str, *, size: int, batch_size: int = 
     examples = None
     bar = progress(total=_count(rank_shards(folder, 0, 1, max_samples)), local_total=_count(plan), desc="eval-recon",
                    unit="images", enabled=rank == 0)
-    for images in batches(read_images(plan, size, errors), batch_size):
+    for images in batches(read_images(plan, size, counts, max_corrupt_fraction), batch_size):
         x = to_float(images).to(device)  # (B, 3, S, S) in [-1, 1]
         xrec, _, info = model(x)
         rec8 = xrec.float().clamp(-1, 1).add(1).mul(127.5).round()  # 8-bit levels, as saved
@@ -146,7 +144,9 @@ def evaluate_reconstruction(model, folder: str, *, size: int, batch_size: int = 
         mu1, s1, _ = real.compute()
         mu2, s2, _ = fake.compute()
         report["rfid"] = fid_from_stats(mu1, s1, mu2, s2)
-    skipped = torch.tensor([float(errors["skipped"])], dtype=torch.float64)
-    report["skipped_samples"] = int(reduce_sum(skipped, all_reduce_fn).item())
+    corrupt = torch.tensor([float(sum(c.corrupt for c in counts)), float(sum(c.shard_errors for c in counts))],
+                           dtype=torch.float64)
+    report["corrupt_samples"], report["shard_errors"] = (int(v) for v in reduce_sum(corrupt, all_reduce_fn).tolist())
+    report["skipped_samples"] = report["corrupt_samples"] + report["shard_errors"]
     report["seconds"] = round(time.time() - start, 3)
     return report, examples

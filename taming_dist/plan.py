@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from taming_dist.config import EngineConfig, RunConfig, batch_layout
-from taming_dist.engines import PLANNED_LAYOUTS, engine_class, layout_name
+from taming_dist.engines import PLANNED_LAYOUTS, layout_name, planned_bytes, planned_weights
 from taming_dist.engines.base import param_groups
 
 GiB = 2**30
@@ -59,10 +59,10 @@ def _spec(name: str, module: torch.nn.Module, weight_decay: float, ema: bool) ->
 def state_bytes(unit: UnitSpec, engine: str, zero_stage: int, world: int, ecfg: EngineConfig) -> dict[str, int]:
     """Bytes on the largest rank: params, grads, optim (AdamW's two fp32 moments, and DeepSpeed's fp32
     master partition), ema (fp32, of the local parameters) and buffers (engine-owned, transient), as
-    the engine models them (Engine.planned_bytes). Of `ecfg` (engine.*): precision, fsdp_shard_size
+    the engine models them (engines.planned_bytes). Of `ecfg` (engine.*): precision, fsdp_shard_size
     (HSDP shards over that many ranks) and, for DeepSpeed, offload_optimizer / offload_params (that
     state lives in host memory)."""
-    out, local = engine_class(engine).planned_bytes(unit.shapes, unit.groups, unit.blocks, zero_stage, world, ecfg)
+    out, local = planned_bytes(engine, unit.shapes, unit.groups, unit.blocks, zero_stage, world, ecfg)
     out["ema"] = 4 * local if unit.ema else 0
     return out
 
@@ -228,7 +228,7 @@ def plan(cfg: RunConfig, world: int, engines=ENGINES, micro_batch: int | None = 
     use_ac = cfg.engine.activation_checkpointing
     rows = []
     for kind, stage in engines:
-        per_unit, acts = {}, {u.name: u.activations(engine_class(kind).planned_weights) for u in units}
+        per_unit, acts = {}, {u.name: u.activations(planned_weights(kind)) for u in units}
         for u in units:
             b = state_bytes(u, kind, stage, world, cfg.engine)
             b.update({k: c + B * s for k, (c, s) in acts[u.name].items()})

@@ -3,7 +3,7 @@
 Runs on a CPU machine with no process group. Torch engines' DCP state is read tensor by tensor:
 only the model (and EMA) entries are allocated and loaded, never the optimizer state (about twice
 the model for Adam). Where each engine keeps its weights is the engine's knowledge
-(`Engine.consolidate`); this module reads the tensors it names.
+(`engines.consolidate`, by the kind that wrote it); this module reads the tensors it names.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from taming_dist.checkpoint.manager import read_manifest, single_process_dcp_quiet
-from taming_dist.engines import engine_class
+from taming_dist.engines import consolidate as consolidate_kind, consolidate_v1
 from taming_dist.progress import progress
 
 
@@ -61,13 +61,13 @@ def read_dcp_tensors(folder: Path, prefixes: list[str], desc: str = "convert") -
 def _consolidate_dcp(ckpt: Path, manifest: dict, ema: bool) -> dict[str, dict]:
     """Format versions 2 and 3 (the same unit keys for weights and EMA): the engine that wrote the
     checkpoint knows where its weights are (engines: consolidate)."""
-    return engine_class(manifest["engine"]).consolidate(ckpt, manifest, ema, read_dcp_tensors)
+    return consolidate_kind(manifest["engine"], ckpt, manifest, ema, read_dcp_tensors)
 
 
 def _consolidate_v1(ckpt: Path, ema: bool) -> dict[str, dict]:
     """Format version 1 (meta.pt, `dcp/` or DeepSpeed tags, ema_rank*.pt): weights stay readable."""
     meta = torch.load(ckpt / "meta.pt", weights_only=True)
-    return engine_class(meta["engine"]).consolidate_v1(ckpt, meta, ema)
+    return consolidate_v1(meta["engine"], ckpt, meta, ema)
 
 
 def consolidate(path: str | Path, *, ema: bool = False, dtype: torch.dtype | None = None) -> dict[str, dict]:

@@ -1,25 +1,48 @@
-"""Engines: how one optimized unit is wrapped, stepped and checkpointed (see base.py)."""
+"""Engines: how one optimized unit is made parallel, stepped and checkpointed.
+
+base.py states the interface of an engine instance (in its docstring); parallelize.py applies
+activation checkpointing, compile, FSDP2 and DDP in one order; torch_engine.py composes them for
+engine.kind single / ddp / fsdp, deepspeed.py wraps ZeRO-1/2/3. The functions below answer what
+the rest of the package asks about an engine *kind* without building one.
+"""
 from taming_dist.engines.base import Engine, Unit, lr_lambda_for
 from taming_dist.engines.dist import DistEnv, env_from_environ, init_distributed
 
+KINDS = ("single", "ddp", "fsdp", "deepspeed")
 
 # The engine layouts the memory planner compares (kind, ZeRO stage), in the order it prints them.
 PLANNED_LAYOUTS = [("ddp", 0), ("fsdp", 0), ("deepspeed", 1), ("deepspeed", 2), ("deepspeed", 3)]
 
 
+def _check(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"engine {kind!r} is not one of {', '.join(KINDS)}")
+
+
 def engine_class(kind: str) -> type[Engine]:
     """The class of engine.kind `kind` (imported on demand; DeepSpeed's only when asked for)."""
-    if kind == "single":
-        from taming_dist.engines.single import SingleEngine as cls
-    elif kind == "ddp":
-        from taming_dist.engines.ddp import DDPEngine as cls
-    elif kind == "fsdp":
-        from taming_dist.engines.fsdp import FSDPEngine as cls
-    elif kind == "deepspeed":
-        from taming_dist.engines.deepspeed import DeepSpeedEngine as cls
-    else:
-        raise ValueError(f"engine {kind!r} is not one of single, ddp, fsdp, deepspeed")
-    return cls
+    _check(kind)
+    if kind == "deepspeed":
+        from taming_dist.engines.deepspeed import DeepSpeedEngine
+
+        return DeepSpeedEngine
+    from taming_dist.engines.torch_engine import TorchEngine
+
+    return TorchEngine
+
+
+def build_engine(cfg, env: DistEnv, device) -> Engine:
+    _check(cfg.kind)
+    if cfg.kind == "single" and env.is_distributed:
+        raise ValueError(
+            f"engine.kind=single but the launcher started {env.world_size} processes; "
+            "use engine.kind=ddp, fsdp or deepspeed"
+        )
+    if cfg.kind == "deepspeed":
+        return engine_class("deepspeed")(cfg, env, device)
+    # DDP in one process is plain single-process training (same DCP checkpoints).
+    kind = "single" if cfg.kind == "ddp" and not env.is_distributed else cfg.kind
+    return engine_class(kind)(cfg, env, device, kind=kind)
 
 
 def layout_name(kind: str, zero_stage: int) -> str:
@@ -27,29 +50,58 @@ def layout_name(kind: str, zero_stage: int) -> str:
     return f"{kind} zero-{zero_stage}" if kind == "deepspeed" else kind
 
 
-def build_engine(cfg, env: DistEnv, device) -> Engine:
-    if cfg.kind == "single" and env.is_distributed:
-        raise ValueError(
-            f"engine.kind=single but the launcher started {env.world_size} processes; "
-            "use engine.kind=ddp, fsdp or deepspeed"
-        )
-    if cfg.kind == "single" or (cfg.kind == "ddp" and not env.is_distributed):
-        # DDP in one process is plain single-process training (same DCP checkpoints).
-        from taming_dist.engines.single import SingleEngine
+def planned_bytes(kind: str, shapes: list, groups: list, blocks: list[int], zero_stage: int, world: int,
+                  ecfg) -> tuple[dict, int]:
+    """The memory model of plan.py for one unit on the largest rank: ({params, grads, optim,
+    buffers}: bytes, local parameter elements). `shapes`: the trainable parameters' shapes;
+    `groups`: AdamW's groups of shapes; `blocks`: elements per parallel block."""
+    _check(kind)
+    if kind == "deepspeed":
+        from taming_dist.engines import deepspeed
 
-        return SingleEngine(cfg, env, device)
-    if cfg.kind == "ddp":
-        from taming_dist.engines.ddp import DDPEngine
+        return deepspeed.planned_bytes(shapes, groups, blocks, zero_stage, world, ecfg)
+    from taming_dist.engines import torch_engine
 
-        return DDPEngine(cfg, env, device)
-    if cfg.kind == "fsdp":
-        from taming_dist.engines.fsdp import FSDPEngine
-
-        return FSDPEngine(cfg, env, device)
-    from taming_dist.engines.deepspeed import DeepSpeedEngine
-
-    return DeepSpeedEngine(cfg, env, device)
+    return torch_engine.planned_bytes(kind, shapes, groups, blocks, world, ecfg)
 
 
-__all__ = ["DistEnv", "Engine", "PLANNED_LAYOUTS", "Unit", "build_engine", "engine_class", "env_from_environ",
-           "init_distributed", "layout_name", "lr_lambda_for"]
+def planned_weights(kind: str) -> str:
+    """Which weights the planner's measured activations assume under `kind`: "fp32" (autocast
+    casts the fp32 weights per use, measured with the activations) or "cast" (the engine keeps a
+    copy in the compute dtype)."""
+    _check(kind)
+    from taming_dist.engines.torch_engine import PLANNED_WEIGHTS
+
+    return PLANNED_WEIGHTS.get(kind, "cast")
+
+
+def consolidate(kind: str, ckpt, manifest: dict, ema: bool, read_tensors) -> dict[str, dict]:
+    """{unit: full state dict} of a format-2/3 checkpoint that engine `kind` wrote, offline (no
+    process group); `read_tensors(folder, prefixes, desc)` loads the DCP tensors whose keys start so."""
+    _check(kind)
+    if kind == "deepspeed":
+        from taming_dist.engines import deepspeed as impl
+    else:
+        from taming_dist.engines import torch_engine as impl
+    return impl.consolidate(ckpt, manifest, ema, read_tensors)
+
+
+def consolidate_v1(kind: str, ckpt, meta: dict, ema: bool) -> dict[str, dict]:
+    """The same for format version 1 (meta.pt beside the engine's files)."""
+    _check(kind)
+    if kind == "deepspeed":
+        from taming_dist.engines import deepspeed as impl
+    else:
+        from taming_dist.engines import torch_engine as impl
+    return impl.consolidate_v1(ckpt, meta, ema)
+
+
+def param_count(module) -> int:
+    """Trainable and frozen parameters of `module`, full size on every engine: DTensors report
+    their full numel, and a ZeRO-3 partition its full size as ds_numel."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
+
+
+__all__ = ["DistEnv", "Engine", "KINDS", "PLANNED_LAYOUTS", "Unit", "build_engine", "consolidate", "consolidate_v1",
+           "engine_class", "env_from_environ", "init_distributed", "layout_name", "lr_lambda_for", "param_count",
+           "planned_bytes", "planned_weights"]

@@ -1,8 +1,32 @@
-"""The engine interface: what the loop and tasks may ask of DDP / FSDP2 / DeepSpeed / single.
+"""The engine interface: what the loop, the tasks and the checkpoint code may ask of an engine.
+
+An engine is built by `build_engine(cfg.engine, env, device)` (engines/__init__.py). Two classes
+implement it: `TorchEngine` (engines/torch_engine.py: engine.kind single, ddp or fsdp, one class
+that composes the free functions of engines/parallelize.py for its data-parallel mode) and
+`DeepSpeedEngine` (engines/deepspeed.py: ZeRO-1/2/3), both directly on `Engine`. What the two do
+differently is stated here (raising NotImplementedError) and implemented by both; the rest is
+shared here, and DeepSpeedEngine replaces only the defaults that are about its own files and
+partitions (describe, manifest_fields, save_native, load_native, _local_params).
 
 A *unit* is one optimized module with its optimizer and LR schedule (the VQGAN stage has two: the
-generator and the discriminator). Tasks hold units and call only the methods below; only engine
-code touches wrapper internals (DDP.module, DTensor shards, DeepSpeed's ZeRO partitions).
+generator and the discriminator). Only engine code touches wrapper internals (DDP.module, DTensor
+shards, DeepSpeed's ZeRO partitions). The whole interface of an engine instance:
+
+  facts        kind, cfg, env, device, dtype, is_main, world_size, describe(), manifest_fields(),
+               supports_async_checkpoint; layout (FSDP2 only: its mesh, in words)
+  collectives  all_reduce, barrier; reduce_fn / broadcast_fn (the same, handed to model code)
+  a unit       setup (wrap a module: the one place parallelism is applied); autocast; frozen
+               (call a unit without gradients)
+  a step       accumulate (micro-batches; uses no_sync), backward, prepare_step (unscale, the
+               gradient norm), step (clip, optimizer, schedule, EMA; or skip), lr; state_bytes
+               (what this rank holds, for tools and the planner's tests); grad_norm (torch
+               engines only: what prepare_step returns; DeepSpeed's norm exists inside its step)
+  checkpoints  unit_state_dict / load_unit_state_dict (DCP), save_native / load_native (an
+               engine's own files), check_resumable, full_state_dict (export, images)
+
+Facts of an engine *kind* that need no instance live as functions keyed by kind in
+engines/__init__.py: `planned_bytes` and `planned_weights` (the memory planner), `consolidate`
+(offline conversion), `param_count`.
 """
 from __future__ import annotations
 
@@ -67,14 +91,11 @@ def build_optimizer(module: nn.Module, cfg: OptimConfig, lr: float) -> torch.opt
 
 
 class Engine:
-    """Base class; subclasses implement `_wrap`, checkpointing and the gradient-norm details."""
+    """The interface of the module docstring, with what both implementations share: the
+    collectives, `setup`'s bookkeeping, accumulation, frozen calls and the EMA."""
 
-    kind = "base"
-    # engine.channels_last converts the conv weights too where the engine keeps parameters as the
-    # module's own tensors. FSDP2 refuses non-contiguous parameters and ZeRO re-views them into flat
-    # buffers; there only the activations are channels_last (the task converts the input, and a
-    # convolution with a channels_last input computes and returns channels_last).
-    channels_last_weights = True
+    kind = "base"  # single | ddp | fsdp | deepspeed: what a checkpoint's manifest records
+    supports_async_checkpoint = True  # DCP's async_save holds every part of this engine's state
 
     def __init__(self, cfg: EngineConfig, env: DistEnv, device: torch.device):
         self.cfg = cfg
@@ -98,7 +119,7 @@ class Engine:
         torch.backends.cudnn.allow_tf32 = cfg.tf32
         torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
 
-    # -- process group ------------------------------------------------------------------------
+    # -- facts --------------------------------------------------------------------------------
     @property
     def is_main(self) -> bool:
         return self.env.rank == 0
@@ -107,6 +128,15 @@ class Engine:
     def world_size(self) -> int:
         return self.env.world_size
 
+    def describe(self) -> str:
+        """How the startup summary names this engine."""
+        return self.cfg.kind
+
+    def manifest_fields(self) -> dict:
+        """Engine facts a checkpoint's manifest records (read back by `check_resumable`)."""
+        return {"zero_stage": None}
+
+    # -- collectives --------------------------------------------------------------------------
     def barrier(self) -> None:
         if self.env.is_distributed:
             import torch.distributed as dist
@@ -139,7 +169,7 @@ class Engine:
         """The sum-all-reduce handed to model code (codebook usage, EMA codebook statistics)."""
         return lambda t: self.all_reduce(t, "sum")
 
-    # -- units --------------------------------------------------------------------------------
+    # -- a unit -------------------------------------------------------------------------------
     def setup(
         self,
         module: nn.Module,
@@ -157,23 +187,21 @@ class Engine:
         `parallel_blocks()`; clipping at `optim.grad_clip` is fixed here for every later step."""
         module.to(self.device)
         blocks = list(module.parallel_blocks()) if hasattr(module, "parallel_blocks") else []
-        if self.cfg.activation_checkpointing and hasattr(module, "grad_checkpointing"):
-            module.grad_checkpointing = True
-        if self.cfg.channels_last and self.channels_last_weights:
-            module.to(memory_format=torch.channels_last)
         unit = self._wrap(module, name=name, optim=optim, lr=lr, lr_lambda=lr_lambda, blocks=blocks,
                           micro_batch_size=micro_batch_size, grad_accum=grad_accum)
         unit.grad_clip = optim.grad_clip
         unit.ema_decay = ema_decay
         if ema_decay > 0:
-            unit.ema = {n: t.detach().clone().float() for n, t in self.local_params(unit)}
+            unit.ema = {n: t.detach().clone().float() for n, t in self._local_params(unit)}
         return unit
 
     def _wrap(self, module, *, name, optim, lr, lr_lambda, blocks, micro_batch_size, grad_accum) -> Unit:
+        """Make `module` parallel and give it an optimizer, a schedule and (fp16) a loss scaler."""
         raise NotImplementedError
 
-    def local_params(self, unit: Unit) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, local tensor) for every trainable parameter: the shard this rank owns."""
+    def _local_params(self, unit: Unit) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, local tensor) for every trainable parameter: the shard this rank owns (a
+        DTensor under FSDP2, whose gradients `local_tensor` reads)."""
         for n, p in unit.raw.named_parameters():
             if p.requires_grad:
                 yield n, p
@@ -196,15 +224,11 @@ class Engine:
             for p in params:
                 p.requires_grad_(True)
 
-    def no_sync(self, unit: Unit):
-        """A context in which backward accumulates gradients locally, without the cross-rank sync."""
-        return contextlib.nullcontext()
-
+    # -- a step -------------------------------------------------------------------------------
     def accumulate(self, unit: Unit, micro_batches: list) -> Iterator:
         """Yield the micro-batches of one optimizer step. The body of the caller's loop runs with
-        gradient sync off for all but the last one (DDP's no_sync, FSDP2's
-        set_requires_gradient_sync, DeepSpeed's accumulation boundary), and `backward` divides
-        each loss by the number of micro-batches. The one accumulation construct of every engine."""
+        gradient sync off for all but the last one (`no_sync`), and `backward` divides each loss
+        by the number of micro-batches. The one accumulation construct of every engine."""
         n = len(micro_batches)
         unit.micro_steps = n
         try:
@@ -215,143 +239,47 @@ class Engine:
         finally:  # also when the caller leaves early (a non-finite loss)
             unit.micro_steps, unit.last_micro_step = 1, True
 
+    def no_sync(self, unit: Unit):
+        """A context in which backward accumulates gradients locally, without the cross-rank sync."""
+        raise NotImplementedError
+
     def backward(self, unit: Unit, loss: torch.Tensor) -> None:
-        loss = loss / unit.micro_steps
-        if unit.scaler is not None:
-            unit.scaler.scale(loss).backward()
-        else:
-            loss.backward()
-
-    def discard(self, unit: Unit) -> None:
-        """Drop accumulated gradients without stepping (after a non-finite loss)."""
-        unit.optimizer.zero_grad(set_to_none=True)
-
-    def grad_norm(self, unit: Unit) -> torch.Tensor:
-        """Global L2 norm of the gradients (across shards); fp32 scalar tensor."""
-        sq = torch.zeros((), dtype=torch.float32, device=self.device)
-        for _, p in self.local_params(unit):
-            if p.grad is not None:
-                sq += local_tensor(p.grad).detach().float().pow(2).sum()
-        return sq.sqrt()
+        """Backpropagate `loss / unit.micro_steps` (fp16: scaled)."""
+        raise NotImplementedError
 
     def prepare_step(self, unit: Unit) -> torch.Tensor | None:
         """After the step's last backward: unscale fp16 gradients and return their global norm (a
         device tensor, no host read), or None where the engine only knows it inside `step`
         (DeepSpeed). The caller folds its finiteness into the step's one fused all-reduce."""
-        if unit.scaler is not None:
-            unit.scaler.unscale_(unit.optimizer)
-        return self.grad_norm(unit)
+        raise NotImplementedError
 
     def step(self, unit: Unit, skip: bool | None = None, norm: torch.Tensor | None = None) -> dict:
         """Clip (at the unit's grad_clip), optimizer step, LR schedule, EMA, zero grads; or, with
         `skip`, only drop the gradients. `skip` and `norm` come from the caller's fused all-reduce
         (tasks/base.py: reduce_step): every rank passes the same `skip`, so all skip together and no
         host read happens here. Without them (tests, tools) the norm is computed and read here.
-        Returns the norm before clipping (a device tensor) and whether the step was skipped."""
-        if norm is None:
-            norm = self.prepare_step(unit)
-        if skip is None:
-            skip = not bool(torch.isfinite(norm))  # a host read; the training step passes `skip`
-        if not skip and unit.grad_clip > 0:
-            coef = torch.clamp(unit.grad_clip / (norm + 1e-6), max=1.0)
-            for _, p in self.local_params(unit):
-                if p.grad is not None:
-                    local_tensor(p.grad).detach().mul_(coef.to(p.grad.dtype))
-        if unit.scaler is not None:
-            if skip:
-                unit.scaler.update()  # the inf checks of unscale_ are recorded; reset for the next step
-            else:
-                unit.scaler.step(unit.optimizer)  # skips by itself on inf/nan
-                unit.scaler.update()
-        elif not skip:
-            unit.optimizer.step()
-        unit.optimizer.zero_grad(set_to_none=True)
-        if not skip:
-            unit.scheduler.step()
-            self.update_ema(unit)
-        return {"grad_norm": norm, "skipped": skip}
-
-    @torch.no_grad()
-    def update_ema(self, unit: Unit) -> None:
-        if unit.ema_decay <= 0:
-            return
-        for n, t in self.local_params(unit):
-            unit.ema[n].lerp_(t.detach().float(), 1.0 - unit.ema_decay)
-
-    def state_bytes(self, unit: Unit) -> dict[str, int]:
-        """Bytes this rank holds for the unit's parameters, gradients (one per local parameter
-        element, in the parameter's dtype, as during backward) and optimizer state."""
-        params = sum(local_tensor(p).numel() * p.element_size() for _, p in self.local_params(unit))
-        optim = sum(local_tensor(v).numel() * v.element_size() for st in unit.optimizer.state.values()
-                    for v in st.values() if torch.is_tensor(v) and v.ndim > 0)
-        return {"params": params, "grads": params, "optim": optim}
-
-    def lr(self, unit: Unit) -> float:
-        return unit.optimizer.param_groups[0]["lr"]
-
-    # -- what the loop, the checkpoint code and the planner ask (they never name an engine) ------
-    supports_async_checkpoint = True  # DCP's async_save holds every part of this engine's state
-
-    def describe(self) -> str:
-        """How the startup summary names this engine."""
-        return self.cfg.kind
-
-    def param_count(self, module: nn.Module) -> int:
-        """Trainable and frozen parameters of `module`, full size (DTensors report their full numel)."""
-        return sum(p.numel() for p in module.parameters())
-
-    def manifest_fields(self) -> dict:
-        """Engine facts a checkpoint's manifest records (read back by `check_resumable`)."""
-        return {"zero_stage": None}
-
-    @staticmethod
-    def planned_bytes(shapes: list, groups: list, blocks: list[int], zero_stage: int, world: int, ecfg) -> tuple[dict, int]:
-        """The memory model of plan.py for one unit on the largest rank: ({params, grads, optim,
-        buffers}: bytes, local parameter elements). `shapes`: the trainable parameters' shapes;
-        `groups`: AdamW's groups of shapes; `blocks`: elements per parallel block."""
+        Returns {"grad_norm": the norm before clipping (a device tensor), "skipped": bool}."""
         raise NotImplementedError
 
-    # Which weights the planner's measured activations assume: "fp32" (autocast casts fp32 weights
-    # per use, measured with the activations) or "cast" (the engine keeps a copy in the compute dtype).
-    planned_weights = "cast"
+    def lr(self, unit: Unit) -> float:
+        """The unit's current learning rate (of its first parameter group)."""
+        raise NotImplementedError
 
-    @classmethod
-    def consolidate(cls, ckpt, manifest: dict, ema: bool, read_tensors) -> dict[str, dict]:
-        """{unit: full state dict} of a format-2/3 checkpoint this engine wrote, offline (no process
-        group); `read_tensors(folder, prefixes, desc)` loads the DCP tensors whose keys start so.
-        The torch engines keep `{unit}.model.*` and `{unit}.ema.*` there."""
-        result = {}
-        for name in manifest["units"]:
-            state = read_tensors(ckpt / "state", [f"{name}.model."] + ([f"{name}.ema."] if ema else []),
-                                 f"convert {name}")
-            sd = _strip(state, f"{name}.model.")
-            sd.update(_strip(state, f"{name}.ema."))
-            result[name] = sd
-        return result
+    def state_bytes(self, unit: Unit) -> dict[str, int]:
+        """Bytes this rank holds for the unit: {params, grads, optim} (what plan.py predicts)."""
+        raise NotImplementedError
 
-    @classmethod
-    def consolidate_v1(cls, ckpt, meta: dict, ema: bool) -> dict[str, dict]:
-        """The same for format version 1 (meta.pt, a `dcp/` folder of {unit: {model, optim, ema}})."""
-        import tempfile
-        from pathlib import Path
-
-        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-        with tempfile.TemporaryDirectory() as tmp:
-            dcp_to_torch_save(ckpt / "dcp", Path(tmp) / "full.pt")
-            state = torch.load(Path(tmp) / "full.pt", weights_only=True)
-        result = {}
-        for name in meta["schedulers"]:
-            sd = dict(state[name]["model"])
-            if ema and state[name].get("ema"):
-                sd.update(state[name]["ema"])
-            result[name] = sd
-        return result
+    @torch.no_grad()
+    def _update_ema(self, unit: Unit) -> None:
+        if unit.ema_decay <= 0:
+            return
+        for n, t in self._local_params(unit):
+            unit.ema[n].lerp_(t.detach().float(), 1.0 - unit.ema_decay)
 
     # -- checkpoints --------------------------------------------------------------------------
     # A checkpoint is one DCP save of Stateful parts (checkpoint/manager.py): one UnitState per
-    # unit, whose content each engine defines here, and the run's state. DeepSpeed keeps its model
-    # and optimizer in its own format beside it (save_native / load_native).
+    # unit, whose content each engine defines, and the run's state. DeepSpeed keeps its model and
+    # optimizer in its own format beside it (save_native / load_native).
     def unit_state_dict(self, unit: Unit) -> dict:
         """What a checkpoint holds of a unit; DCP fills this same structure in place on load."""
         raise NotImplementedError

@@ -18,6 +18,7 @@ from taming_dist.engines.base import (
     _BYTES, Engine, Unit, _strip, build_optimizer, load_schedule_state, param_groups, schedule_state,
 )
 from taming_dist.engines.dist import ensure_process_group
+from taming_dist.engines.parallelize import apply_ac
 
 
 def init_deepspeed_comm(env, device: torch.device) -> None:
@@ -132,13 +133,12 @@ def ema_rank_key(rank: int) -> str:
 
 class DeepSpeedEngine(Engine):
     kind = "deepspeed"
-    channels_last_weights = False
 
     def __init__(self, cfg, env, device):
         super().__init__(cfg, env, device)
         init_deepspeed_comm(env, device)
 
-    def ds_config(self, micro_batch_size: int, grad_accum: int, grad_clip: float) -> dict:
+    def _ds_config(self, micro_batch_size: int, grad_accum: int, grad_clip: float) -> dict:
         """The generated DeepSpeed config, with the user's `engine.deepspeed_config` merged over it."""
         zero: dict = {"stage": self.cfg.zero_stage}
         if self.cfg.zero_stage == 3:
@@ -165,13 +165,17 @@ class DeepSpeedEngine(Engine):
         return merge_user_config(generated, read_user_config(self.cfg.deepspeed_config))
 
     def _wrap(self, module, *, name, optim, lr, lr_lambda, blocks, micro_batch_size, grad_accum) -> Unit:
+        """Activation checkpointing, then DeepSpeed's own wrapping (ZeRO re-views the parameters
+        into flat buffers, so their memory format stays; only the activations are channels_last),
+        then DeepSpeedEngine.compile of the whole module."""
         import deepspeed
 
+        apply_ac(module, self.cfg.activation_checkpointing)
         optimizer = self._optimizer(module, optim, lr)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
         ds_engine, ds_opt, _, _ = deepspeed.initialize(
             model=module, optimizer=optimizer,
-            config=self.ds_config(micro_batch_size, grad_accum, optim.grad_clip),
+            config=self._ds_config(micro_batch_size, grad_accum, optim.grad_clip),
         )
         if self._partitioned():
             _register_table_reads(ds_engine.module)
@@ -199,7 +203,7 @@ class DeepSpeedEngine(Engine):
     def _partitioned(self) -> bool:
         return self.cfg.zero_stage == 3
 
-    def local_params(self, unit):
+    def _local_params(self, unit):
         for n, p in unit.raw.named_parameters():
             if p.requires_grad:
                 yield n, (p.ds_tensor if self._partitioned() else p)
@@ -214,85 +218,21 @@ class DeepSpeedEngine(Engine):
         # Divided here like on every engine, not by DeepSpeed (whose count is per call of step).
         unit.module.backward(loss / unit.micro_steps, scale_wrt_gas=False)
 
-    def discard(self, unit):
-        unit.module.set_gradient_accumulation_boundary(True)
-        unit.module.zero_grad()
-
     supports_async_checkpoint = False  # its model and optimizer files come from its own synchronous save_checkpoint
 
     def describe(self):
         return f"deepspeed ZeRO-{self.cfg.zero_stage}"
 
-    def param_count(self, module):
-        # ZeRO-3 leaves each rank a partition; ds_numel is the full size.
-        return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
-
     def manifest_fields(self):
         return {"zero_stage": self.cfg.zero_stage}
-
-    @staticmethod
-    def planned_bytes(shapes, groups, blocks, zero_stage, world, ecfg):
-        d, P = _BYTES[ecfg.precision], sum(s.numel() for s in shapes)
-        blk = max(blocks, default=0)
-        if zero_stage == 3:  # each parameter partitioned (padded) on its own
-            master = sum(math.ceil(s.numel() / world) for s in shapes)
-            local = master
-            params = d * master
-            persistent = sum(s.numel() for s in shapes if s.numel() <= DS_PERSISTENCE)
-            gathered = d * (blk + min(DS_PREFETCH_BUCKET, P) + persistent)
-        else:  # each AdamW group flattened, padded to 2 x world elements (nccl_start_alignment_factor)
-            master = sum(2 * math.ceil(sum(s.numel() for s in g) / (2 * world)) for g in groups)
-            local = P
-            params = d * P
-            gathered = 0
-        grads = d * (P if zero_stage == 1 else master)
-        out = {"params": params, "grads": grads, "optim": 12 * master, "buffers": d * DS_REDUCE_BUCKET + gathered}
-        if ecfg.offload_optimizer == "cpu":  # ZeRO-Offload: master, moments and gradient partitions on the host
-            out.update(optim=0, grads=0)
-        if ecfg.offload_params == "cpu":
-            out["params"] = 0
-        return out, local
-
-    @classmethod
-    def consolidate(cls, ckpt, manifest, ema, read_tensors):
-        """The model from DeepSpeed's own fp32 consolidation of its files; the EMA from the DCP state,
-        where ZeRO-3 keeps one partition per rank (reassembled by `unflatten_zero3`)."""
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        result = {}
-        for name in manifest["units"]:
-            sd = dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt / "deepspeed"), tag=name))
-            if ema and manifest.get("zero_stage") == 3:
-                keys = [f"{name}.{ema_rank_key(r)}." for r in range(manifest["world_size"])]
-                parts = read_tensors(ckpt / "state", keys, f"convert {name} EMA")
-                per_rank = [_strip(parts, k) for k in keys]
-                sd.update({k: unflatten_zero3([p[k] for p in per_rank], sd[k].shape) for k in per_rank[0]})
-            elif ema:
-                sd.update(_strip(read_tensors(ckpt / "state", [f"{name}.ema."], f"convert {name} EMA"), f"{name}.ema."))
-            result[name] = sd
-        return result
-
-    @classmethod
-    def consolidate_v1(cls, ckpt, meta, ema):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        result = {}
-        for name in meta["schedulers"]:
-            sd = dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=name))
-            files = sorted((ckpt / name).glob("ema_rank*.pt"))
-            if ema and files:
-                parts = [torch.load(f, weights_only=True) for f in files]
-                for k in parts[0]:
-                    sd[k] = unflatten_zero3([p[k] for p in parts], sd[k].shape)
-            result[name] = sd
-        return result
 
     def prepare_step(self, unit):
         return None  # DeepSpeed computes (and clips by) the norm inside its own step
 
     def step(self, unit, skip=None, norm=None):
-        if skip:
-            self.discard(unit)
+        if skip:  # drop the accumulated gradients
+            unit.module.set_gradient_accumulation_boundary(True)
+            unit.module.zero_grad()
             return {"grad_norm": torch.full((), float("nan"), device=self.device), "skipped": True}
         # Clipping is DeepSpeed's own, at the `gradient_clipping` its config got at setup.
         unit.module.step()
@@ -304,7 +244,7 @@ class DeepSpeedEngine(Engine):
         applied = unit.module.was_step_applied() if hasattr(unit.module, "was_step_applied") else True
         if applied:
             unit.scheduler.step()
-            self.update_ema(unit)
+            self._update_ema(unit)
         return {"grad_norm": norm, "skipped": not applied}
 
     def state_bytes(self, unit):
@@ -312,7 +252,7 @@ class DeepSpeedEngine(Engine):
         in the training dtype (partitioned at stage 2/3, full at stage 1) and the optimizer's fp32
         master partition plus its moments, read from the ZeRO optimizer."""
         opt = unit.optimizer
-        params = sum(t.numel() * t.element_size() for _, t in self.local_params(unit))
+        params = sum(t.numel() * t.element_size() for _, t in self._local_params(unit))
         inner = getattr(opt, "optimizer", opt)
         moments = sum(v.numel() * v.element_size() for st in inner.state.values() for v in st.values()
                       if torch.is_tensor(v) and v.ndim > 0)
@@ -390,3 +330,63 @@ class DeepSpeedEngine(Engine):
                     t = unit.ema[n]
                     sd[n] = (self._gather_flat(t, p.ds_shape) if self._partitioned() else t).float().cpu().clone()
         return sd
+
+
+# -- facts of the kind, no instance needed (engines/__init__.py dispatches to them) --------------
+def planned_bytes(shapes, groups, blocks, zero_stage, world, ecfg) -> tuple[dict, int]:
+    """plan.py's memory model of one unit on the largest rank under ZeRO-`zero_stage`."""
+    d, P = _BYTES[ecfg.precision], sum(s.numel() for s in shapes)
+    blk = max(blocks, default=0)
+    if zero_stage == 3:  # each parameter partitioned (padded) on its own
+        master = sum(math.ceil(s.numel() / world) for s in shapes)
+        local = master
+        params = d * master
+        persistent = sum(s.numel() for s in shapes if s.numel() <= DS_PERSISTENCE)
+        gathered = d * (blk + min(DS_PREFETCH_BUCKET, P) + persistent)
+    else:  # each AdamW group flattened, padded to 2 x world elements (nccl_start_alignment_factor)
+        master = sum(2 * math.ceil(sum(s.numel() for s in g) / (2 * world)) for g in groups)
+        local = P
+        params = d * P
+        gathered = 0
+    grads = d * (P if zero_stage == 1 else master)
+    out = {"params": params, "grads": grads, "optim": 12 * master, "buffers": d * DS_REDUCE_BUCKET + gathered}
+    if ecfg.offload_optimizer == "cpu":  # ZeRO-Offload: master, moments and gradient partitions on the host
+        out.update(optim=0, grads=0)
+    if ecfg.offload_params == "cpu":
+        out["params"] = 0
+    return out, local
+
+
+def consolidate(ckpt, manifest, ema, read_tensors):
+    """The model from DeepSpeed's own fp32 consolidation of its files; the EMA from the DCP state,
+    where ZeRO-3 keeps one partition per rank (reassembled by `unflatten_zero3`)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    result = {}
+    for name in manifest["units"]:
+        sd = dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt / "deepspeed"), tag=name))
+        if ema and manifest.get("zero_stage") == 3:
+            keys = [f"{name}.{ema_rank_key(r)}." for r in range(manifest["world_size"])]
+            parts = read_tensors(ckpt / "state", keys, f"convert {name} EMA")
+            per_rank = [_strip(parts, k) for k in keys]
+            sd.update({k: unflatten_zero3([p[k] for p in per_rank], sd[k].shape) for k in per_rank[0]})
+        elif ema:
+            sd.update(_strip(read_tensors(ckpt / "state", [f"{name}.ema."], f"convert {name} EMA"), f"{name}.ema."))
+        result[name] = sd
+    return result
+
+
+def consolidate_v1(ckpt, meta, ema):
+    """The same for format version 1 (DeepSpeed tags, ema_rank*.pt)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    result = {}
+    for name in meta["schedulers"]:
+        sd = dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=name))
+        files = sorted((ckpt / name).glob("ema_rank*.pt"))
+        if ema and files:
+            parts = [torch.load(f, weights_only=True) for f in files]
+            for k in parts[0]:
+                sd[k] = unflatten_zero3([p[k] for p in parts], sd[k].shape)
+        result[name] = sd
+    return result

@@ -19,7 +19,7 @@ from taming_dist.atomic import write_atomic
 from taming_dist.checkpoint.manager import CheckpointManager
 from taming_dist.checkpoint.state import TrainState, training_state
 from taming_dist.config import RunConfig, batch_layout, dump_config, to_dict
-from taming_dist.engines import build_engine, env_from_environ, init_distributed
+from taming_dist.engines import build_engine, env_from_environ, init_distributed, param_count
 from taming_dist.engines.dist import long_collectives, set_collective_timeout
 from taming_dist.tasks.base import StepSync
 from taming_dist.train import STOP_MARKER_ENV
@@ -223,7 +223,7 @@ def startup_summary(cfg: RunConfig, env, engine, task, stream, run_dir: Path, re
     layout = getattr(engine, "layout", f"{env.world_size} rank(s)")
     e = cfg.engine
     kind = engine.describe()
-    params = ", ".join(f"{name} {engine.param_count(u.raw) / 1e6:.2f}M" for name, u in task.units.items())
+    params = ", ".join(f"{name} {param_count(u.raw) / 1e6:.2f}M" for name, u in task.units.items())
     d = cfg.data
     where = d.path or "built-in synthetic shards"
     samples = (getattr(stream, "manifest", None) or {}).get("total", "?")

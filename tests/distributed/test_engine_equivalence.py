@@ -260,7 +260,7 @@ def test_channels_last_reaches_the_convolutions(runs, engine):
     cl_w, n_w = on["conv_weights"]
     if engine.startswith(("fsdp", "deepspeed")):
         # FSDP2 refuses non-contiguous parameters and ZeRO re-views them into flat buffers, so the
-        # engines leave the weights contiguous there (Engine.channels_last_weights); the
+        # engines leave the weights contiguous there (engines/parallelize.py); the
         # activations alone carry the layout.
         assert cl_w == 0, on
     else:

@@ -19,16 +19,22 @@ def _check(kind: str) -> None:
         raise ValueError(f"engine {kind!r} is not one of {', '.join(KINDS)}")
 
 
-def engine_class(kind: str) -> type[Engine]:
-    """The class of engine.kind `kind` (imported on demand; DeepSpeed's only when asked for)."""
+def _impl(kind: str):
+    """The module that knows `kind` (imported on demand; DeepSpeed's only when asked for)."""
     _check(kind)
     if kind == "deepspeed":
-        from taming_dist.engines.deepspeed import DeepSpeedEngine
+        from taming_dist.engines import deepspeed
 
-        return DeepSpeedEngine
-    from taming_dist.engines.torch_engine import TorchEngine
+        return deepspeed
+    from taming_dist.engines import torch_engine
 
-    return TorchEngine
+    return torch_engine
+
+
+def engine_class(kind: str) -> type[Engine]:
+    """The class of engine.kind `kind`."""
+    impl = _impl(kind)
+    return impl.DeepSpeedEngine if kind == "deepspeed" else impl.TorchEngine
 
 
 def build_engine(cfg, env: DistEnv, device) -> Engine:
@@ -55,14 +61,9 @@ def planned_bytes(kind: str, shapes: list, groups: list, blocks: list[int], zero
     """The memory model of plan.py for one unit on the largest rank: ({params, grads, optim,
     buffers}: bytes, local parameter elements). `shapes`: the trainable parameters' shapes;
     `groups`: AdamW's groups of shapes; `blocks`: elements per parallel block."""
-    _check(kind)
     if kind == "deepspeed":
-        from taming_dist.engines import deepspeed
-
-        return deepspeed.planned_bytes(shapes, groups, blocks, zero_stage, world, ecfg)
-    from taming_dist.engines import torch_engine
-
-    return torch_engine.planned_bytes(kind, shapes, groups, blocks, world, ecfg)
+        return _impl(kind).planned_bytes(shapes, groups, blocks, zero_stage, world, ecfg)
+    return _impl(kind).planned_bytes(kind, shapes, groups, blocks, world, ecfg)
 
 
 def planned_weights(kind: str) -> str:
@@ -70,30 +71,18 @@ def planned_weights(kind: str) -> str:
     casts the fp32 weights per use, measured with the activations) or "cast" (the engine keeps a
     copy in the compute dtype)."""
     _check(kind)
-    from taming_dist.engines.torch_engine import PLANNED_WEIGHTS
-
-    return PLANNED_WEIGHTS.get(kind, "cast")
+    return "fp32" if kind == "ddp" else "cast"
 
 
 def consolidate(kind: str, ckpt, manifest: dict, ema: bool, read_tensors) -> dict[str, dict]:
     """{unit: full state dict} of a format-2/3 checkpoint that engine `kind` wrote, offline (no
     process group); `read_tensors(folder, prefixes, desc)` loads the DCP tensors whose keys start so."""
-    _check(kind)
-    if kind == "deepspeed":
-        from taming_dist.engines import deepspeed as impl
-    else:
-        from taming_dist.engines import torch_engine as impl
-    return impl.consolidate(ckpt, manifest, ema, read_tensors)
+    return _impl(kind).consolidate(ckpt, manifest, ema, read_tensors)
 
 
 def consolidate_v1(kind: str, ckpt, meta: dict, ema: bool) -> dict[str, dict]:
     """The same for format version 1 (meta.pt beside the engine's files)."""
-    _check(kind)
-    if kind == "deepspeed":
-        from taming_dist.engines import deepspeed as impl
-    else:
-        from taming_dist.engines import torch_engine as impl
-    return impl.consolidate_v1(ckpt, meta, ema)
+    return _impl(kind).consolidate_v1(ckpt, meta, ema)
 
 
 def param_count(module) -> int:

@@ -176,11 +176,6 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 
 # -- facts of the kinds, no instance needed (engines/__init__.py dispatches to them) -------------
-# Which weights the planner's measured activations assume: "fp32" (autocast casts fp32 weights
-# per use, measured with the activations) or "cast" (the engine keeps a copy in the compute dtype).
-PLANNED_WEIGHTS = {"ddp": "fp32", "fsdp": "cast"}
-
-
 def planned_bytes(kind, shapes, groups, blocks, world, ecfg) -> tuple[dict, int]:
     """plan.py's memory model of one unit on the largest rank under DDP or FSDP2."""
     d, P = _BYTES[ecfg.precision], sum(s.numel() for s in shapes)

@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 
@@ -105,15 +106,29 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--session", type=int, required=True, help="session id (the pid of the setsid'd job)")
     ap.add_argument("--kill", action="store_true", help="SIGKILL them after the report")
+    ap.add_argument("--wait", type=float, default=0.0,
+                    help="first give them this many seconds to end by themselves (processes that are exiting)")
+    ap.add_argument("--fail", action="store_true", help="exit 1 when any is still running")
     a = ap.parse_args(argv)
-    pids = in_session(a.session)
+    pids = wait_for_session(a.session, a.wait)
     print(f"{len(pids)} process(es) of session {a.session} still running" + (":" if pids else "."), flush=True)
     if pids:
         print(report(pids), flush=True)
         if a.kill:
             kill(pids)
             print(f"killed {pids}", flush=True)
-    return 0
+    return 1 if pids and a.fail else 0
+
+
+def wait_for_session(sid: int, seconds: float, poll: float = 0.5) -> list[int]:
+    """The live processes of session `sid` once it has emptied or `seconds` have passed. Zombies do
+    not count: they have ended and only wait to be reaped, which in a container whose PID 1 does
+    not reap orphans can take minutes (`ps -s SID` lists them; a check based on it fails a run in
+    which nothing is running)."""
+    deadline = time.monotonic() + seconds
+    while (pids := in_session(sid)) and time.monotonic() < deadline:
+        time.sleep(poll)
+    return pids
 
 
 if __name__ == "__main__":

@@ -143,3 +143,27 @@ def test_a_fork_of_the_pytest_process_fails_the_session(tmp_path):
     # Control: the same test passes and the session succeeds without the guards.
     p, _ = pytest_run(tmp_path, "-k", "forks", guards=False)
     assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_the_ci_check_after_exit_waits_for_exiting_processes_and_fails_on_live_ones():
+    """.ci/run's check once `make test` has exited (`process_guard.py --session SID --wait S --kill
+    --fail`): a process of the session that ends within the wait passes; one that goes on living is
+    listed, killed and fails. Sessions are made with setsid, as .ci/run makes its own."""
+    guard = [sys.executable, str(REPO / "tests" / "process_guard.py")]
+    ending = subprocess.Popen(["setsid", "bash", "-c", "sleep 1.5 & exit 0"])
+    ending.wait()
+    t0 = time.monotonic()
+    p = subprocess.run([*guard, "--session", str(ending.pid), "--wait", "10", "--kill", "--fail"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and "0 process(es)" in p.stdout and time.monotonic() - t0 < 8, p.stdout
+    living = subprocess.Popen(["setsid", "bash", "-c", "sleep 300 & exit 0"])
+    living.wait()
+    p = subprocess.run([*guard, "--session", str(living.pid), "--wait", "1", "--kill", "--fail"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and "1 process(es)" in p.stdout and "sleep 300" in p.stdout and "killed" in p.stdout
+    # negative control: without --wait the ending session is still caught while its sleep runs
+    ending = subprocess.Popen(["setsid", "bash", "-c", "sleep 3 & exit 0"])
+    ending.wait()
+    p = subprocess.run([*guard, "--session", str(ending.pid), "--kill", "--fail"], capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 1 and "sleep 3" in p.stdout

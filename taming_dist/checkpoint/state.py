@@ -110,10 +110,12 @@ class PerRank:
         """Before a load: note which of the inner's optional keys the checkpoint lacks (`saved`: its
         flattened keys, `name`: this part's key in the state dict), so that the load asks for
         nothing the checkpoint does not hold (DCP fails on any key it cannot find)."""
-        prefix = f"{name}.{rank_key(self.read_rank)}." if self.read_rank is not None else None
+        self.absent = set()
+        if self.read_rank is None:  # nothing is read for this rank
+            return
+        prefix = f"{name}.{rank_key(self.read_rank)}."
         self.absent = {k for k in getattr(self.inner, "optional", ())
-                       if prefix is not None and not any(s == prefix + k or s.startswith(prefix + k + ".")
-                                                         for s in saved)}
+                       if not any(s == prefix + k or s.startswith(prefix + k + ".") for s in saved)}
 
     def resume_from(self, saved_world_size: int, world_size: int) -> None:
         if saved_world_size == world_size:

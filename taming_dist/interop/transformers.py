@@ -154,8 +154,8 @@ def pipeline_readme(cfg: TransformerModelConfig, folder: str = ".", label: int =
     tokens = condition.prompt_tokens(label)
     if tokens is None:
         raise ValueError(f"the pipeline README shows models whose prompt is a fixed list of tokens; this one is "
-                         f"{condition.summary()} (condition.kind={cfg.condition.kind}), whose prompt is the codes "
-                         "of its cond stage")
+                         f"{condition.summary()} (condition.kind={cfg.condition.kind}): its prompt is "
+                         f"{condition.prompt_words()}")
     prompt_ids = ", ".join(map(str, tokens))
     comment = prompt_text = condition.prompt_words()
     cond_text = f" ({condition.summary()})"

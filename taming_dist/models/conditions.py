@@ -457,6 +457,9 @@ class ContextCondition(Conditioning):
     def summary(self):
         return f"conditioned through cross-attention on a context sequence ({self.kind})"
 
+    def prompt_words(self):
+        return "a context sequence read through cross-attention (no token prompt)"
+
     def prompt_record(self):
         raise ValueError(f"condition.kind={self.kind} has no token prompt: the GPT reads its condition through "
                          "cross-attention")

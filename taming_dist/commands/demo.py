@@ -66,6 +66,16 @@ def _launch(nproc: int, *argv: str) -> None:
                            "above)")
 
 
+def _trained(run_dir, steps: int) -> bool:
+    """Whether `run_dir` already holds a finished run of `steps` steps: its `latest` checkpoint is that
+    step and the model folder was written. A re-run of the demo then skips the stage instead of
+    starting torchrun only to find nothing left to train (about 15 s of start-up per stage on 2 CPU
+    ranks); anything else (no run, an unfinished one, other step counts) is launched and resumes."""
+    latest = run_dir / "checkpoints" / "latest"
+    return (latest.exists() and latest.read_text().strip() == f"step_{steps:06d}"
+            and (run_dir / "model" / "model.safetensors").exists())
+
+
 def run(args) -> int:
     import time
     from pathlib import Path
@@ -101,20 +111,30 @@ def run(args) -> int:
     write_examples(out / "data.png")  # a held-out image of each class under its caption: what the demo learns
     print(f"== 2/6 training the VQGAN on FSDP2, {device} ({vq_steps} steps; vqgan-tiny with "
           f"{' '.join(VQGAN_OVERRIDES)}) -> {out / 'vqgan'}", flush=True)
-    _launch(nproc, "train", "vqgan-tiny", *VQGAN_OVERRIDES, *common, "name=vqgan", f"train.steps={vq_steps}")
+    vq_done = _trained(out / "vqgan", vq_steps)
+    if vq_done:
+        print(f"already trained to step {vq_steps}: {out / 'vqgan'} (delete it to train again)", flush=True)
+    else:
+        _launch(nproc, "train", "vqgan-tiny", *VQGAN_OVERRIDES, *common, "name=vqgan", f"train.steps={vq_steps}")
 
     codes = out / "codes"
     print(f"== 3/6 codes and caption features of the train split -> {codes}", flush=True)
-    _launch(nproc, "extract-codes", str(out / "vqgan"), "synthetic", str(codes), "--text-encoder", str(encoder_dir),
-            "--max-text-tokens", str(TEXT_TOKENS))
+    if vq_done and (codes / "manifest.json").exists():  # the codes of this very VQGAN, every shard done
+        print(f"already extracted: {codes}", flush=True)
+    else:
+        _launch(nproc, "extract-codes", str(out / "vqgan"), "synthetic", str(codes), "--text-encoder",
+                str(encoder_dir), "--max-text-tokens", str(TEXT_TOKENS))
 
     print(f"== 4/6 training the text-conditioned transformer on FSDP2, {device} ({tr_steps} steps; "
           f"transformer-text-tiny) -> {out / 'transformer'}", flush=True)
     # The encoder's folder is recorded with the model, so `taming-dist sample runs/demo/transformer/model
     # --prompt ...` finds it without --text-encoder.
-    _launch(nproc, "train", "transformer-text-tiny", *common, "name=transformer",
-            f"train.steps={tr_steps}", f"data.path={codes}", f"first_stage_ckpt={out / 'vqgan' / 'model'}",
-            f"transformer.condition.text_encoder={encoder_dir.resolve()}")
+    if vq_done and _trained(out / "transformer", tr_steps):
+        print(f"already trained to step {tr_steps}: {out / 'transformer'} (delete it to train again)", flush=True)
+    else:
+        _launch(nproc, "train", "transformer-text-tiny", *common, "name=transformer",
+                f"train.steps={tr_steps}", f"data.path={codes}", f"first_stage_ckpt={out / 'vqgan' / 'model'}",
+                f"transformer.condition.text_encoder={encoder_dir.resolve()}")
     train_s = time.perf_counter() - t0
 
     print(f"== 5/6 sampling {args.per_prompt} images per prompt (top_k {SAMPLING['top_k']}, cfg_scale "

@@ -21,6 +21,7 @@ import dataclasses
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -271,7 +272,11 @@ def main() -> None:
     out, specs = Path(sys.argv[1]), sys.argv[2:]
     env = env_from_environ()
     device = init_distributed(env)
-    results = {spec: {"index": i, **run_spec(i, spec, out, env, device)} for i, spec in enumerate(specs)}
+    results = {}
+    for i, spec in enumerate(specs):
+        t0 = time.perf_counter()
+        results[spec] = {"index": i, **run_spec(i, spec, out, env, device)}
+        results[spec]["seconds"] = round(time.perf_counter() - t0, 2)  # where a launch spends its time
     if env.rank == 0:
         (out / "results.json").write_text(json.dumps(results))
     if env.is_distributed:

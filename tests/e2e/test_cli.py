@@ -77,7 +77,8 @@ def test_demo_pipeline_sample_and_reconstruct(tmp_path):
         assert yaml.safe_load((run_dir / "config.yaml").read_text())["engine"]["kind"] == "fsdp"
         assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_000012"
         assert list((run_dir / "wandb").glob("offline-run-*")), "wandb offline data missing"
-        rows = [json.loads(line) for line in open(run_dir / "log.txt") if line.startswith('{"step"')]
+        lines = (run_dir / "log.txt").read_text().splitlines()
+        rows = [json.loads(line) for line in lines if line.startswith('{"step"')]
         assert rows[-1]["step"] == 12 and all(r["skipped_total"] == 0 for r in rows)
         # accounting in every logged row: per-device and total rates, step time, data wait, ETA
         unit = "images" if stage == "vqgan" else "tokens"
@@ -86,10 +87,13 @@ def test_demo_pipeline_sample_and_reconstruct(tmp_path):
         assert last[f"{unit}_per_s_per_device"] == pytest.approx(last[f"{unit}_per_s"] / 2)  # FSDP2 on 2 ranks
         assert last["step_s"] > 0 and 0 <= last["data_wait_frac"] < 1 and last["eta_s"] == 0
         assert "mfu" not in last  # no peak FLOP/s for a CPU
-    # re-running resumes at the end: nothing retrained, same weights
+    # re-running finds both runs finished: no stage is launched again, same weights, a new report
     before = (out / "vqgan" / "model" / "model.safetensors").read_bytes()
-    cli("demo", "--out", str(out), "--vqgan-steps", "12", "--transformer-steps", "12", "--per-prompt", "2",
-        "logging.wandb_mode=disabled")
+    (out / "report.json").unlink()
+    p = cli("demo", "--out", str(out), "--vqgan-steps", "12", "--transformer-steps", "12", "--per-prompt", "2",
+            "logging.wandb_mode=disabled")
+    assert "$ torchrun" not in p.stdout and p.stdout.count("already trained to step 12") == 2, p.stdout
+    assert "already extracted" in p.stdout and (out / "report.json").exists()
     assert (out / "vqgan" / "model" / "model.safetensors").read_bytes() == before
     # the README's command: the text encoder is found from the model folder, no --text-encoder
     p = cli("sample", str(out / "transformer" / "model"), "--prompt", "a yellow triangle on a purple background",

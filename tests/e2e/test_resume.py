@@ -27,7 +27,8 @@ def train(out, name, steps, engine, nproc, extra=()):
 
 
 def losses(run_dir):
-    rows = [json.loads(line) for line in open(run_dir / "log.txt") if line.startswith('{"step"')]
+    lines = (run_dir / "log.txt").read_text().splitlines()
+    rows = [json.loads(line) for line in lines if line.startswith('{"step"')]
     return {r["step"]: (r["loss"], r.get("d_loss", 0.0)) for r in rows}
 
 

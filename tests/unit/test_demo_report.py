@@ -32,3 +32,19 @@ def test_overview_writes_every_prompt_block_and_the_table(tmp_path):
     write_examples(tmp_path / "d.png")
     with Image.open(tmp_path / "d.png") as im:
         assert im.size[1] >= 3 * 96  # 12 classes, 4 a row, 3x scale
+
+
+def test_a_demo_rerun_skips_only_a_run_finished_at_the_asked_step(tmp_path):
+    from taming_dist.commands.demo import _trained
+
+    run = tmp_path / "vqgan"
+    assert not _trained(run, 12)  # nothing there
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "latest").write_text("step_000006\n")
+    (run / "model").mkdir()
+    (run / "model" / "model.safetensors").write_bytes(b"x")
+    assert not _trained(run, 12)  # stopped at step 6: launched again, and it resumes
+    (run / "checkpoints" / "latest").write_text("step_000012\n")
+    assert _trained(run, 12) and not _trained(run, 24)  # more steps asked for: launched again
+    (run / "model" / "model.safetensors").unlink()
+    assert not _trained(run, 12)  # the model folder was never written: the run did not end

@@ -77,6 +77,7 @@ def _trained(run_dir, steps: int) -> bool:
 
 
 def run(args) -> int:
+    import json
     import time
     from pathlib import Path
 
@@ -111,31 +112,45 @@ def run(args) -> int:
     write_examples(out / "data.png")  # a held-out image of each class under its caption: what the demo learns
     print(f"== 2/6 training the VQGAN on FSDP2, {device} ({vq_steps} steps; vqgan-tiny with "
           f"{' '.join(VQGAN_OVERRIDES)}) -> {out / 'vqgan'}", flush=True)
+    # Seconds per stage; a stage skipped as already done keeps the figure the report of its run recorded,
+    # so a re-run does not report its own few seconds as the demo's training time.
+    before = json.loads((out / "report.json").read_text()).get("timing", {}) if (out / "report.json").exists() else {}
+    stage_s = {"setup": time.perf_counter() - t0}
+    t = time.perf_counter()
     vq_done = _trained(out / "vqgan", vq_steps)
     if vq_done:
         print(f"already trained to step {vq_steps}: {out / 'vqgan'} (delete it to train again)", flush=True)
+        stage_s["vqgan"] = before.get("stage_s", {}).get("vqgan")
     else:
         _launch(nproc, "train", "vqgan-tiny", *VQGAN_OVERRIDES, *common, "name=vqgan", f"train.steps={vq_steps}")
+        stage_s["vqgan"] = time.perf_counter() - t
 
     codes = out / "codes"
     print(f"== 3/6 codes and caption features of the train split -> {codes}", flush=True)
+    t = time.perf_counter()
     if vq_done and (codes / "manifest.json").exists():  # the codes of this very VQGAN, every shard done
         print(f"already extracted: {codes}", flush=True)
+        stage_s["codes"] = before.get("stage_s", {}).get("codes")
     else:
         _launch(nproc, "extract-codes", str(out / "vqgan"), "synthetic", str(codes), "--text-encoder",
                 str(encoder_dir), "--max-text-tokens", str(TEXT_TOKENS))
+        stage_s["codes"] = time.perf_counter() - t
 
     print(f"== 4/6 training the text-conditioned transformer on FSDP2, {device} ({tr_steps} steps; "
           f"transformer-text-tiny) -> {out / 'transformer'}", flush=True)
     # The encoder's folder is recorded with the model, so `taming-dist sample runs/demo/transformer/model
     # --prompt ...` finds it without --text-encoder.
+    t = time.perf_counter()
     if vq_done and _trained(out / "transformer", tr_steps):
         print(f"already trained to step {tr_steps}: {out / 'transformer'} (delete it to train again)", flush=True)
+        stage_s["transformer"] = before.get("stage_s", {}).get("transformer")
     else:
         _launch(nproc, "train", "transformer-text-tiny", *common, "name=transformer",
                 f"train.steps={tr_steps}", f"data.path={codes}", f"first_stage_ckpt={out / 'vqgan' / 'model'}",
                 f"transformer.condition.text_encoder={encoder_dir.resolve()}")
-    train_s = time.perf_counter() - t0
+        stage_s["transformer"] = time.perf_counter() - t
+    # None (no wall-time row) when a skipped stage's time is unknown: its report is gone
+    train_s = None if None in stage_s.values() else round(sum(stage_s.values()), 1)
 
     print(f"== 5/6 sampling {args.per_prompt} images per prompt (top_k {SAMPLING['top_k']}, cfg_scale "
           f"{SAMPLING['cfg_scale']}) and quality on the held-out split", flush=True)
@@ -159,7 +174,8 @@ def run(args) -> int:
     save_grid(torch.cat(list(samples.values())), str(out / "samples.png"), nrow=args.per_prompt)
     print(f"wrote {out / 'samples.png'} (a row per prompt: {len(seen)} seen, then {len(unseen)} unseen combinations)")
     demo_quality(model.first_stage_model, samples, seen, unseen, out, sampling=SAMPLING,
-                 timing={"train_and_extract_s": round(train_s, 1), "ranks": nproc,
+                 timing={"train_and_extract_s": train_s,
+                         "stage_s": {k: None if v is None else round(v, 1) for k, v in stage_s.items()}, "ranks": nproc,
                          "device": "cuda" if gpu else "cpu", "vqgan_steps": vq_steps, "transformer_steps": tr_steps})
     print(f"wrote {out / 'report.json'} and {out / 'overview.png'}")
     print("== 6/6 the report of both runs", flush=True)

@@ -88,12 +88,18 @@ def test_demo_pipeline_sample_and_reconstruct(tmp_path):
         assert last["step_s"] > 0 and 0 <= last["data_wait_frac"] < 1 and last["eta_s"] == 0
         assert "mfu" not in last  # no peak FLOP/s for a CPU
     # re-running finds both runs finished: no stage is launched again, same weights, a new report
+    # and its report keeps the training time of the run that trained (not the re-run's seconds)
     before = (out / "vqgan" / "model" / "model.safetensors").read_bytes()
-    (out / "report.json").unlink()
+    first = report["timing"]["stage_s"]
+    assert set(first) == {"setup", "vqgan", "codes", "transformer"} and first["vqgan"] > 5
     p = cli("demo", "--out", str(out), "--vqgan-steps", "12", "--transformer-steps", "12", "--per-prompt", "2",
             "logging.wandb_mode=disabled")
     assert "$ torchrun" not in p.stdout and p.stdout.count("already trained to step 12") == 2, p.stdout
-    assert "already extracted" in p.stdout and (out / "report.json").exists()
+    assert "already extracted" in p.stdout
+    again = json.loads((out / "report.json").read_text())["timing"]
+    assert {k: again["stage_s"][k] for k in ("vqgan", "codes", "transformer")} == {
+        k: first[k] for k in ("vqgan", "codes", "transformer")}
+    assert again["train_and_extract_s"] >= first["vqgan"] + first["codes"] + first["transformer"]
     assert (out / "vqgan" / "model" / "model.safetensors").read_bytes() == before
     # the README's command: the text encoder is found from the model folder, no --text-encoder
     p = cli("sample", str(out / "transformer" / "model"), "--prompt", "a yellow triangle on a purple background",

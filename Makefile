@@ -21,11 +21,23 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m taming_dist demo --out runs/demo
 
+# Two batches (README, "Tests"): the tests that run in the pytest process are spread over the cores
+# by pytest-xdist; the multi-process ones (`serial`: slow tests of tests/e2e, tests/distributed and
+# tests/slurm, which start ranks, launchers and SLURM jobs of their own and time them against
+# collective timeouts) then run one at a time. Both batches always run; the status is the first
+# failure's.
+TEST_WORKERS ?= auto
+
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=40 tests
+	@rc=0; \
+	echo "== make test 1/2: tests in the pytest process, over $(TEST_WORKERS) xdist workers (-m 'not serial')"; \
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=15 -m "not serial" tests || rc=$$?; \
+	echo "== make test 2/2: multi-process tests, one at a time (-m serial)"; \
+	$(PY) -m pytest -q --durations=40 -m serial tests || rc=$$?; \
+	exit $$rc
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow" tests
 
 clean:
 	rm -rf runs .cache .pytest_cache

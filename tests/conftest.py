@@ -211,6 +211,21 @@ def pytest_unconfigure(config):
     timer.start()
 
 
+# ---- two batches (Makefile `test`, README "Tests") ----
+# The slow tests of these folders start ranks, launchers and SLURM jobs of their own and time them
+# against collective timeouts: marked `serial`, they run one at a time after the rest, which runs in
+# the pytest process and is spread over the cores (pytest-xdist, `-n auto -m "not serial"`).
+SERIAL_DIRS = ("e2e", "distributed", "slurm")
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        parts = Path(str(item.path)).resolve().relative_to(REPO / "tests").parts
+        if parts[0] in SERIAL_DIRS and item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.serial)
+
+
 @pytest.fixture
 def repo() -> Path:
     return REPO

@@ -167,3 +167,26 @@ def test_the_ci_check_after_exit_waits_for_exiting_processes_and_fails_on_live_o
     p = subprocess.run([*guard, "--session", str(ending.pid), "--kill", "--fail"], capture_output=True, text=True,
                        timeout=60)
     assert p.returncode == 1 and "sleep 3" in p.stdout
+
+
+def test_make_test_runs_the_multi_process_tests_one_at_a_time_and_the_rest_over_workers():
+    """`make test`'s two batches: the slow tests of tests/e2e, tests/distributed and tests/slurm are
+    marked `serial` at collection and run in a plain pytest; everything else runs over xdist workers.
+    Checked on what pytest selects, not on the names: a slow unit test (in-process) is not serial, a
+    fast e2e test is not, the engine-equivalence launches are."""
+    files = ["tests/unit/test_gpu_suite.py", "tests/e2e/test_cli.py", "tests/distributed/test_engine_equivalence.py"]
+
+    def selected(expr):
+        p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only",
+                            "-m", expr, *files], cwd=REPO, capture_output=True, text=True, timeout=120)
+        return {line for line in p.stdout.splitlines() if "::" in line}
+
+    serial, rest = selected("serial"), selected("not serial")
+    assert serial and rest and not serial & rest
+    assert any("test_engine_equivalence.py::" in t for t in serial)
+    assert "tests/e2e/test_cli.py::test_demo_pipeline_sample_and_reconstruct" in serial
+    assert "tests/e2e/test_cli.py::test_config_errors_are_one_clear_line" in rest  # not slow
+    assert "tests/unit/test_gpu_suite.py::test_gpu_suite_dry_run_prints_every_row" in rest  # slow, in-process
+    recipe = (REPO / "Makefile").read_text().split("\ntest:", 1)[1].split("\n\n", 1)[0]
+    assert '-n $(TEST_WORKERS) --durations=15 -m "not serial" tests || rc=$$?' in recipe
+    assert "--durations=40 -m serial tests || rc=$$?" in recipe and recipe.rstrip().endswith("exit $$rc")

@@ -106,8 +106,10 @@ def requeue_if_running(job_id: str) -> bool:
     if state != "RUNNING":
         print(f"job {job_id} is {state}: not requeued", flush=True)
         return False
+    # Said before the requeue: SLURM ends the job's processes as it requeues it, so a line printed
+    # after `scontrol requeue` returns can be lost (a fresh-clone CI run lost it once).
+    print(f"requeueing job {job_id}: it resumes from the latest checkpoint when it starts again", flush=True)
     subprocess.run(["scontrol", "requeue", job_id], check=True)
-    print(f"requeued job {job_id}: it resumes from the latest checkpoint when it starts again", flush=True)
     return True
 
 

@@ -138,7 +138,7 @@ def test_submitit_preempted_job_checkpoints_requeues_and_resumes(slurm_env, stra
     stop_step = assert_resumed_like(step_losses(straight[2]), tmp_path / "preempted")
     assert 1 <= stop_step < STEPS
     rank0 = job.paths.stdout.read_text()  # appended across both runs
-    assert f"requeued job {job.job_id}" in rank0
+    assert f"requeueing job {job.job_id}: it resumes from the latest checkpoint" in rank0
     assert f"at step {stop_step}" in rank0.split("resumed from")[1].splitlines()[0]
     # submitit's own handler (rank-0 checkpoint, its timeout counter) never ran
     assert "Caught signal" not in job.paths.stderr.read_text()

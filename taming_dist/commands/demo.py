@@ -114,41 +114,40 @@ def run(args) -> int:
           f"{' '.join(VQGAN_OVERRIDES)}) -> {out / 'vqgan'}", flush=True)
     # Seconds per stage; a stage skipped as already done keeps the figure the report of its run recorded,
     # so a re-run does not report its own few seconds as the demo's training time.
-    before = json.loads((out / "report.json").read_text()).get("timing", {}) if (out / "report.json").exists() else {}
+    report_json = out / "report.json"
+    recorded = json.loads(report_json.read_text()).get("timing", {}).get("stage_s", {}) if report_json.exists() else {}
     stage_s = {"setup": time.perf_counter() - t0}
-    t = time.perf_counter()
+
+    def stage(name: str, done: bool, skipped: str, *argv: str) -> None:
+        """Launch `argv` on `nproc` ranks and time it, or say `skipped` and keep the recorded time."""
+        if done:
+            print(skipped, flush=True)
+            stage_s[name] = recorded.get(name)
+        else:
+            t = time.perf_counter()
+            _launch(nproc, *argv)
+            stage_s[name] = time.perf_counter() - t
+
     vq_done = _trained(out / "vqgan", vq_steps)
-    if vq_done:
-        print(f"already trained to step {vq_steps}: {out / 'vqgan'} (delete it to train again)", flush=True)
-        stage_s["vqgan"] = before.get("stage_s", {}).get("vqgan")
-    else:
-        _launch(nproc, "train", "vqgan-tiny", *VQGAN_OVERRIDES, *common, "name=vqgan", f"train.steps={vq_steps}")
-        stage_s["vqgan"] = time.perf_counter() - t
+    stage("vqgan", vq_done, f"already trained to step {vq_steps}: {out / 'vqgan'} (delete it to train again)",
+          "train", "vqgan-tiny", *VQGAN_OVERRIDES, *common, "name=vqgan", f"train.steps={vq_steps}")
 
     codes = out / "codes"
     print(f"== 3/6 codes and caption features of the train split -> {codes}", flush=True)
-    t = time.perf_counter()
-    if vq_done and (codes / "manifest.json").exists():  # the codes of this very VQGAN, every shard done
-        print(f"already extracted: {codes}", flush=True)
-        stage_s["codes"] = before.get("stage_s", {}).get("codes")
-    else:
-        _launch(nproc, "extract-codes", str(out / "vqgan"), "synthetic", str(codes), "--text-encoder",
-                str(encoder_dir), "--max-text-tokens", str(TEXT_TOKENS))
-        stage_s["codes"] = time.perf_counter() - t
+    # the codes of this very VQGAN, every shard done
+    stage("codes", vq_done and (codes / "manifest.json").exists(), f"already extracted: {codes}",
+          "extract-codes", str(out / "vqgan"), "synthetic", str(codes), "--text-encoder", str(encoder_dir),
+          "--max-text-tokens", str(TEXT_TOKENS))
 
     print(f"== 4/6 training the text-conditioned transformer on FSDP2, {device} ({tr_steps} steps; "
           f"transformer-text-tiny) -> {out / 'transformer'}", flush=True)
     # The encoder's folder is recorded with the model, so `taming-dist sample runs/demo/transformer/model
     # --prompt ...` finds it without --text-encoder.
-    t = time.perf_counter()
-    if vq_done and _trained(out / "transformer", tr_steps):
-        print(f"already trained to step {tr_steps}: {out / 'transformer'} (delete it to train again)", flush=True)
-        stage_s["transformer"] = before.get("stage_s", {}).get("transformer")
-    else:
-        _launch(nproc, "train", "transformer-text-tiny", *common, "name=transformer",
-                f"train.steps={tr_steps}", f"data.path={codes}", f"first_stage_ckpt={out / 'vqgan' / 'model'}",
-                f"transformer.condition.text_encoder={encoder_dir.resolve()}")
-        stage_s["transformer"] = time.perf_counter() - t
+    stage("transformer", vq_done and _trained(out / "transformer", tr_steps),
+          f"already trained to step {tr_steps}: {out / 'transformer'} (delete it to train again)",
+          "train", "transformer-text-tiny", *common, "name=transformer", f"train.steps={tr_steps}",
+          f"data.path={codes}", f"first_stage_ckpt={out / 'vqgan' / 'model'}",
+          f"transformer.condition.text_encoder={encoder_dir.resolve()}")
     # None (no wall-time row) when a skipped stage's time is unknown: its report is gone
     train_s = None if None in stage_s.values() else round(sum(stage_s.values()), 1)
 

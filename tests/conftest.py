@@ -211,58 +211,21 @@ def pytest_unconfigure(config):
     timer.start()
 
 
-# ---- three batches (Makefile `test`, README "Tests") ----
-# 1. Tests that run in the pytest process: spread over the cores (pytest-xdist, `-n auto`).
-# 2. `multiprocess`: the slow tests of these folders, which start ranks, launchers and CLI runs of
-#    their own. Such a test leaves most of a core idle (process start-up, rendezvous, waiting on its
-#    children), so two of them run at once (`-n 2 --dist loadgroup`). Tests that share a module- or
-#    session-scoped fixture (one equivalence launch, one trained run) are kept on one worker as an
-#    `xdist_group` named after their file, so the fixture is built once; the rest are scheduled one
-#    by one. Longest first (LONGEST_FIRST, measured durations in README "Tests"), so both workers
-#    finish together instead of one starting a 4-minute launch while the other is done.
-# 3. `alone` (also `multiprocess`): tests timed against the wall clock -- a 5 s collective timeout, a
-#    killed rank's reaction time, SLURM preemption, grace and requeue on the one local cluster they
-#    share -- run one at a time, with nothing else on the machine.
+# ---- two batches (Makefile `test`, README "Tests") ----
+# The slow tests of these folders start ranks, launchers and SLURM jobs of their own and time them
+# against collective timeouts: marked `serial`, they run one at a time after the rest, which runs in
+# the pytest process and is spread over the cores (pytest-xdist, `-n auto -m "not serial"`).
 SERIAL_DIRS = ("e2e", "distributed", "slurm")
-ALONE = ("distributed/test_rank_failure.py", "slurm/")
-LONGEST_FIRST = ("distributed/test_engine_equivalence.py", "e2e/test_cli.py::test_demo_pipeline",
-                 "distributed/test_compile.py", "distributed/test_deepspeed_settings.py", "distributed/test_hsdp.py",
-                 "e2e/test_resume.py", "e2e/test_text_to_image.py", "distributed/test_step_sync.py",
-                 "e2e/test_readme_commands.py", "e2e/test_convert_export.py", "e2e/test_eval_cli.py")
 
 
-def _shares_a_fixture(item) -> bool:
-    """Whether the test uses a module-, package- or session-scoped fixture of our tests (pytest's own,
-    such as tmp_path_factory, are shared by every test and cost nothing)."""
-    info = getattr(item, "_fixtureinfo", None)
-    return info is not None and any(d.scope in ("module", "package", "session")
-                                    and getattr(d.func, "__module__", "").startswith("tests.")
-                                    for defs in info.name2fixturedefs.values() for d in defs)
-
-
-@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker and before xdist reads the groups
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(config, items):
     tests = REPO / "tests"
-    ranked = []
     for item in items:
         path = Path(str(item.path)).resolve()  # the guard tests run this file as a plugin on files elsewhere
-        if not (path.is_relative_to(tests) and path.relative_to(tests).parts[0] in SERIAL_DIRS
-                and item.get_closest_marker("slow")):
-            continue
-        rel = path.relative_to(tests).as_posix()
-        item.add_marker(pytest.mark.multiprocess)
-        if rel.startswith(ALONE):
-            item.add_marker(pytest.mark.alone)
-        elif _shares_a_fixture(item):
-            item.add_marker(pytest.mark.xdist_group(name=rel))
-        where = f"{rel}::{item.name}"
-        ranked.append((next((i for i, p in enumerate(LONGEST_FIRST) if where.startswith(p)), len(LONGEST_FIRST)),
-                       item))
-    # the multiprocess tests, longest first (a stable sort: collection order otherwise)
-    order = {id(item): n for n, (_, item) in enumerate(sorted(ranked, key=lambda r: r[0]))}
-    slots = sorted(i for i, item in enumerate(items) if id(item) in order)
-    for slot, item in zip(slots, sorted((items[i] for i in slots), key=lambda item: order[id(item)])):
-        items[slot] = item
+        if path.is_relative_to(tests) and path.relative_to(tests).parts[0] in SERIAL_DIRS \
+                and item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.serial)
 
 
 @pytest.fixture

@@ -169,49 +169,24 @@ def test_the_ci_check_after_exit_waits_for_exiting_processes_and_fails_on_live_o
     assert p.returncode == 1 and "sleep 3" in p.stdout
 
 
-def test_make_test_runs_three_batches_and_times_the_wall_clock_tests_alone(tmp_path):
-    """`make test`'s three batches: the slow tests of tests/e2e, tests/distributed and tests/slurm are
-    marked `multiprocess` at collection and run two at a time; of those, the ones timed against the
-    wall clock (rank failure, SLURM) are also `alone` and run one at a time; everything else runs over
-    xdist workers. Checked on what pytest selects, not on the names: a slow unit test (in-process) is
-    not multiprocess, a fast e2e test is not, the engine-equivalence launches are, and they share one
-    xdist group (one launch, not one per worker); the longest tests come first."""
-    files = ["tests/unit/test_gpu_suite.py", "tests/e2e/test_cli.py", "tests/distributed/test_engine_equivalence.py",
-             "tests/distributed/test_rank_failure.py"]
+def test_make_test_runs_the_multi_process_tests_one_at_a_time_and_the_rest_over_workers():
+    """`make test`'s two batches: the slow tests of tests/e2e, tests/distributed and tests/slurm are
+    marked `serial` at collection and run in a plain pytest; everything else runs over xdist workers.
+    Checked on what pytest selects, not on the names: a slow unit test (in-process) is not serial, a
+    fast e2e test is not, the engine-equivalence launches are."""
+    files = ["tests/unit/test_gpu_suite.py", "tests/e2e/test_cli.py", "tests/distributed/test_engine_equivalence.py"]
 
-    # prints the xdist group each selected test carries (xdist itself reads it on its workers)
-    (tmp_path / "show_groups.py").write_text(
-        "def pytest_collection_finish(session):\n"
-        "    for item in session.items:\n"
-        "        mark = item.get_closest_marker('xdist_group')\n"
-        "        print('GROUP', item.nodeid, mark.kwargs['name'] if mark else '-')\n")
-
-    def selected(expr, *extra):
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
+    def selected(expr):
         p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only",
-                            *extra, "-m", expr, *files], cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
-        return [line for line in p.stdout.splitlines() if "::" in line and not line.startswith("GROUP")] if not extra \
-            else dict(line.split()[1:] for line in p.stdout.splitlines() if line.startswith("GROUP "))
+                            "-m", expr, *files], cwd=REPO, capture_output=True, text=True, timeout=120)
+        return {line for line in p.stdout.splitlines() if "::" in line}
 
-    multi, alone, rest = (set(selected(e)) for e in ("multiprocess and not alone", "alone", "not multiprocess"))
-    assert multi and alone and rest and not (multi & alone or multi & rest or alone & rest)
-    assert any("test_engine_equivalence.py::" in t for t in multi)
-    assert "tests/e2e/test_cli.py::test_demo_pipeline_sample_and_reconstruct" in multi
-    assert alone == {t for t in selected("slow") if "test_rank_failure.py::" in t}
+    serial, rest = selected("serial"), selected("not serial")
+    assert serial and rest and not serial & rest
+    assert any("test_engine_equivalence.py::" in t for t in serial)
+    assert "tests/e2e/test_cli.py::test_demo_pipeline_sample_and_reconstruct" in serial
     assert "tests/e2e/test_cli.py::test_config_errors_are_one_clear_line" in rest  # not slow
     assert "tests/unit/test_gpu_suite.py::test_gpu_suite_dry_run_prints_every_row" in rest  # slow, in-process
-    # longest first: the equivalence launch, then the demo, then the rest of test_cli
-    order = selected("multiprocess and not alone")
-    assert "test_engine_equivalence.py::" in order[0] and order[sum("equivalence" in t for t in order)].endswith(
-        "test_demo_pipeline_sample_and_reconstruct")
-    # the tests sharing the module's launch are one xdist group (one launch, not one per worker); the
-    # demo, which shares nothing, is scheduled on its own
-    groups = selected("multiprocess and not alone", "-p", "show_groups")
-    assert {g for t, g in groups.items() if "test_engine_equivalence.py::" in t} == \
-        {"distributed/test_engine_equivalence.py"}
-    assert groups["tests/e2e/test_cli.py::test_demo_pipeline_sample_and_reconstruct"] == "-"
     recipe = (REPO / "Makefile").read_text().split("\ntest:", 1)[1].split("\n\n", 1)[0]
-    assert '-n $(TEST_WORKERS) --durations=15 -m "not multiprocess" tests || rc=$$?' in recipe
-    assert '-n $(MULTIPROCESS_WORKERS) --dist loadgroup --no-loadscope-reorder' in recipe
-    assert '-m "multiprocess and not alone" tests || rc=$$?' in recipe
-    assert "-m alone tests || rc=$$?" in recipe and recipe.rstrip().endswith("exit $$rc")
+    assert '-n $(TEST_WORKERS) --durations=15 -m "not serial" tests || rc=$$?' in recipe
+    assert "--durations=40 -m serial tests || rc=$$?" in recipe and recipe.rstrip().endswith("exit $$rc")

@@ -20,6 +20,12 @@ Prints a table and the JSON (also written to --json). Target of issue 22: the as
 
     python tools/bench_checkpoint.py                         # ~300M GPT: 1 process, then 2 ranks FSDP2
     python tools/bench_checkpoint.py --n-layer 2 --n-embd 64 --worlds 1 --after 1 --normal 2 --repeats 1
+    OMP_NUM_THREADS=1 python tools/bench_checkpoint.py --worlds 1  # training on 1 core, 1 core free
+
+Each process trains on cpu_count / world threads (OMP_NUM_THREADS overrides; the table prints it).
+On a CPU machine the background write needs the same cores as training; on a GPU machine training
+leaves the host cores to it. OMP_NUM_THREADS=1 in one process on 2 cores gives the writer a core of
+its own, as a GPU machine would.
 """
 from __future__ import annotations
 
@@ -122,6 +128,7 @@ def worker(args) -> None:
         ckpt = next((root / mode).glob("step_*"))
         steady = slice(1, None) if args.repeats > 1 else slice(None)  # the first async save allocates its buffers
         results.append({"world": env.world_size, "engine": kind, "mode": mode, "params": n_params,
+                        "threads": torch.get_num_threads(),
                         "checkpoint_bytes": sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file()),
                         "normal_step_s": normal, "save_call_s": statistics.mean(calls[steady]),
                         "stall_s": statistics.mean(stalls[steady]), "write_s": statistics.mean(writes[steady]),
@@ -144,12 +151,13 @@ def free_port() -> int:
 
 
 def table(rows: list[dict]) -> str:
-    head = f"{'setup':<22} {'mode':<6} {'ckpt GB':>8} {'step s':>8} {'save call s':>12} {'stall s':>8} " \
+    head = f"{'setup':<22} {'threads':>7} {'mode':<6} {'ckpt GB':>8} {'step s':>8} {'save call s':>12} {'stall s':>8} " \
            f"{'write s':>8} {'stall/sync':>10}"
     lines = [head, "-" * len(head)]
     for r in rows:
         setup = "1 process" if r["world"] == 1 else f"{r['world']} gloo ranks FSDP2"
-        lines.append(f"{setup:<22} {r['mode']:<6} {r['checkpoint_bytes'] / 1e9:>8.2f} {r['normal_step_s']:>8.2f} "
+        lines.append(f"{setup:<22} {r.get('threads', '?'):>7} {r['mode']:<6} {r['checkpoint_bytes'] / 1e9:>8.2f} "
+                     f"{r['normal_step_s']:>8.2f} "
                      f"{r['save_call_s']:>12.2f} {r['stall_s']:>8.2f} {r['write_s']:>8.2f} "
                      f"{r['stall_vs_sync']:>10.0%}")
     return "\n".join(lines)

@@ -10,6 +10,7 @@ key=value pairs are config overrides, except these harness switches:
   save=N              stop after N steps and write a checkpoint to OUT_DIR/ckpt_<tag>
   resume=TAG          load OUT_DIR/ckpt_<TAG> first and continue from its step
   tag=NAME            names the spec's checkpoint (default: its index)
+  steps=N             train only the first N of the 5 steps (same schedule), for checks of step 0
 Each rank takes its slice of the same global batch, so every world size sees the same data.
 Rank 0 writes OUT_DIR/results.json (per-step metrics, mechanism counters) and, per spec,
 OUT_DIR/<index>.pt: for every unit and tensor the update theta_end - theta_init (full tensors,
@@ -35,7 +36,7 @@ from taming_dist.train.loop import build_task, grad_accum_steps
 
 STEPS = 5
 GLOBAL_BATCH = 8
-HARNESS_KEYS = ("break", "save", "resume", "tag")
+HARNESS_KEYS = ("break", "save", "resume", "tag", "steps")
 
 
 def make_cfg(stage: str, engine: str, zero: int, precision: str, ac: bool, micro: int, extra: tuple = ()):
@@ -221,7 +222,7 @@ def run_spec(index: int, spec: str, out: Path, env, device) -> dict:
         progress = TrainState()
         mgr.load(mgr.latest(), training_state(engine, task.units, progress))
         start = progress.step
-    stop = int(opts.get("save", STEPS))
+    stop = int(opts.get("save", opts.get("steps", STEPS)))
     grads: dict = {}
     if env.world_size == 1:
         real_step = engine.step

@@ -26,6 +26,9 @@ def test_env(**extra) -> dict:
     return env
 
 
+test_env.__test__ = False  # a helper: pytest would collect it as a test where a test file imports it
+
+
 def run(args: list[str], nproc: int = 1, timeout: int = 600, cwd=None, env=None) -> subprocess.CompletedProcess:
     """`python args...` in one process, or under torchrun with `nproc` processes."""
     if nproc > 1:

@@ -151,14 +151,13 @@ def free_port() -> int:
 
 
 def table(rows: list[dict]) -> str:
-    head = f"{'setup':<22} {'threads':>7} {'mode':<6} {'ckpt GB':>8} {'step s':>8} {'save call s':>12} {'stall s':>8} " \
-           f"{'write s':>8} {'stall/sync':>10}"
+    head = f"{'setup':<22} {'threads':>7} {'mode':<6} {'ckpt GB':>8} {'step s':>8} {'save call s':>12} " \
+           f"{'stall s':>8} {'write s':>8} {'stall/sync':>10}"
     lines = [head, "-" * len(head)]
     for r in rows:
         setup = "1 process" if r["world"] == 1 else f"{r['world']} gloo ranks FSDP2"
-        lines.append(f"{setup:<22} {r.get('threads', '?'):>7} {r['mode']:<6} {r['checkpoint_bytes'] / 1e9:>8.2f} "
-                     f"{r['normal_step_s']:>8.2f} "
-                     f"{r['save_call_s']:>12.2f} {r['stall_s']:>8.2f} {r['write_s']:>8.2f} "
+        lines.append(f"{setup:<22} {r['threads']:>7} {r['mode']:<6} {r['checkpoint_bytes'] / 1e9:>8.2f} "
+                     f"{r['normal_step_s']:>8.2f} {r['save_call_s']:>12.2f} {r['stall_s']:>8.2f} {r['write_s']:>8.2f} "
                      f"{r['stall_vs_sync']:>10.0%}")
     return "\n".join(lines)
 

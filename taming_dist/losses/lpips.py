@@ -1,8 +1,8 @@
 """LPIPS (Zhang et al. 2018) from the `lpips` package, built with no network access.
 
 `lpips.LPIPS(net="vgg")` would download the VGG16 ImageNet backbone (docs/platform-notes.md),
-so it is built with a random backbone and the package's bundled linear layers
-(lpips/weights/v0.1/vgg.pth), then the backbone is read from a local file. The module's keys
+so it is built empty (on the meta device) and given the package's bundled linear layers
+(lpips/weights/v0.1/vgg.pth) and a backbone read from a local file (or a random one, for tests). The module's keys
 (`scaling_layer.*`, `net.sliceK.N.*`, `lin0..lin4.model.1.weight`) are the original taming LPIPS
 keys; the package adds the aliases `lins.<i>.*` of `lin<i>.*` (the same modules).
 """
@@ -71,6 +71,28 @@ def lpips_weights_from(obj, path) -> dict:
     return mapped
 
 
+def _package_linear_layers() -> dict:
+    """The lpips package's bundled linear layers (`lin<i>.model.1.weight`, lpips/weights/v0.1/vgg.pth)."""
+    import lpips
+
+    path = Path(lpips.__file__).parent / "weights" / "v0.1" / "vgg.pth"
+    # copied into new tensors: under the FakeTensorMode of FLOP counting (perf.py) torch.load gives
+    # meta tensors, which must not become parameters; a new tensor is a fake one there
+    return {k: torch.empty(v.shape).copy_(v) for k, v in torch.load(path, map_location="cpu", weights_only=True).items()}
+
+
+def _random_backbone(model: nn.Module) -> dict:
+    """A VGG16 backbone initialised as torchvision initialises one (Kaiming normal, fan-out, zero
+    biases), for `loss.lpips_backbone=random`: keys `net.sliceK.N.*` of `model`'s convolutions."""
+    out = {}
+    for name, m in model.net.named_modules():
+        if isinstance(m, nn.Conv2d):
+            out[f"net.{name}.weight"] = nn.init.kaiming_normal_(torch.empty(m.weight.shape), mode="fan_out",
+                                                                nonlinearity="relu")
+            out[f"net.{name}.bias"] = torch.zeros(m.bias.shape)
+    return out
+
+
 def build_lpips(cfg: VQLossConfig) -> nn.Module:
     """A frozen `lpips.LPIPS(net="vgg")` in eval mode: call it on images in [-1, 1]; it returns the
     per-image distance (B, 1, 1, 1)."""
@@ -79,7 +101,7 @@ def build_lpips(cfg: VQLossConfig) -> nn.Module:
     from taming_dist.weights.safe_load import safe_load
 
     weights, path = None, None
-    if cfg.lpips_backbone != "random":  # read (and check) the file before the 2 s VGG16 build
+    if cfg.lpips_backbone != "random":  # read (and check) the file before building
         candidates = vgg16_candidates(cfg)
         path = next((p for p in candidates if p.exists()), None)
         if path is None:
@@ -94,14 +116,22 @@ def build_lpips(cfg: VQLossConfig) -> nn.Module:
     with warnings.catch_warnings():
         # lpips calls torchvision's deprecated `vgg16(pretrained=False)`; only that call is muted.
         warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
-        model = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
-    if weights is not None:
-        try:
-            unexpected = model.load_state_dict(weights, strict=False).unexpected_keys
-        except RuntimeError as e:  # shape mismatches
-            raise ValueError(f"{path}: the LPIPS weights do not fit VGG16-LPIPS: {e}") from None
-        if unexpected:
-            raise ValueError(f"{path}: keys that VGG16-LPIPS does not have: {unexpected[:5]}")
+        # Built on the meta device, every tensor assigned below: lpips constructs torchvision's whole
+        # VGG16 and keeps only its convolutions, and initialising the 124M-parameter classifier it
+        # drops took 2.7 s on each rank of every run with LPIPS (2-core CPU machine).
+        with torch.device("meta"):
+            model = lpips.LPIPS(net="vgg", pretrained=False, pnet_rand=True, verbose=False)
+    state = {**_package_linear_layers(), **(weights or _random_backbone(model))}
+    unexpected = sorted(set(state) - set(model.state_dict()))
+    if unexpected:
+        raise ValueError(f"{path}: keys that VGG16-LPIPS does not have: {unexpected[:5]}")
+    # the scaling layer's two constants are plain CPU tensors (lpips makes them with torch.Tensor)
+    state.update({k: v for k, v in model.state_dict().items() if k.startswith("scaling_layer.")})
+    state.update({f"lins.{i}.model.1.weight": state[f"lin{i}.model.1.weight"] for i in range(5)})  # aliases
+    try:
+        model.load_state_dict(state, strict=True, assign=True)  # strict: no tensor is left on meta
+    except RuntimeError as e:  # shape mismatches
+        raise ValueError(f"{path}: the LPIPS weights do not fit VGG16-LPIPS: {e}") from None
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -33,6 +33,9 @@ SMOOTH = "loss.disc_loss=vanilla:loss.perceptual_weight=0"
 # checked at step 0 only (see above), so these runs stop after it
 ORIGINAL = "loss.disc_loss=hinge:loss.perceptual_weight=1.0:steps=1"
 EMA = "train.ema_decay=0.5"
+# bf16 is checked for finite, unskipped steps (and the transformer's first loss against fp32), so
+# these runs stop after 2 steps: the second is the first from weights a bf16 step has written
+BF16 = "bf16:steps=2"
 TOL = 1e-4
 
 _GN = "GroupNorm(32) on a 32-channel layer normalises each channel alone, so its mean cancels this bias"
@@ -85,7 +88,7 @@ DIST = ([spec(s, e) for s in ("vqgan", "transformer") for e in ENGINES]
                                                               ("deepspeed:2", "skip_step"), ("deepspeed:3", "skip_step"),
                                                               ("ddp", "no_grad_sync"), ("fsdp", "no_grad_sync"))]
         + [spec("transformer", "fsdp", EMA, "save=2", "tag=two"), spec("transformer", "fsdp", EMA, "resume=one")]
-        + [f"{s}:{e}:bf16" for s in ("vqgan", "transformer") for e in ENGINES])
+        + [f"{s}:{e}:{BF16}" for s in ("vqgan", "transformer") for e in ENGINES])
 BACK = [spec("transformer", "single", EMA, "resume=two")]
 
 
@@ -299,7 +302,8 @@ def test_fsdp_resharded_resume_then_training_matches(runs, direction):
 def test_bf16_trains_on_every_engine(runs, stage, engine):
     # bf16 autocast (DDP), MixedPrecisionPolicy (FSDP2), DeepSpeed's bf16: finite, close to fp32.
     r = runs[f"{stage}:single:2:fp32:noac" + (f":{SMOOTH}" if stage == "vqgan" else "")]
-    g = runs[f"{stage}:{engine}:bf16"]
+    g = runs[f"{stage}:{engine}:{BF16}"]
+    assert [h["step"] for h in g["history"]] == [0, 1]
     assert all(h.get("skipped", 0.0) == 0.0 for h in g["history"])
     assert all(abs(h["loss"]) < 1e3 for h in g["history"])
     if stage == "transformer":

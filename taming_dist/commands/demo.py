@@ -7,11 +7,8 @@ EXAMPLE = "taming-dist demo --out runs/demo"
 # codebook and restarts of codes whose usage EMA falls below 0.3 of an average code keep every code
 # in use (76% of them without, on the data before issue 25). No GAN term (disc_start past the end):
 # the target is PSNR, which the L1 term optimises, and the discriminator's step would cost time.
-# Without a GAN term the autoencoder takes Adam's usual betas (0.9, 0.99) instead of the preset's GAN
-# pair (0.5, 0.9): 13.63 dB against 11.64 dB held-out PSNR after 300 steps (tools/bench_quality.py,
-# kmeans+restarts, one process; lr 2e-3 with them gave 13.16 dB, so the lr stays 1e-3).
 VQGAN_OVERRIDES = ["vqgan.quantizer.kmeans_init=true", "vqgan.quantizer.dead_code_threshold=0.3",
-                   "loss.disc_start=1000000000", "train.optim.betas=[0.9,0.99]"]
+                   "loss.disc_start=1000000000"]
 # The tiny T5 the captions are encoded with (taming_dist/text/tiny.py): a word-level tokenizer over
 # the built-in captions, random weights (still a distinct feature sequence per caption), 32 wide,
 # at most 16 tokens (the longest caption, "yellow horizontal stripes on a purple background </s>",

@@ -2,9 +2,10 @@
 
 `lpips.LPIPS(net="vgg")` would download the VGG16 ImageNet backbone (docs/platform-notes.md),
 so it is built empty (on the meta device) and given the package's bundled linear layers
-(lpips/weights/v0.1/vgg.pth) and a backbone read from a local file (or a random one, for tests). The module's keys
-(`scaling_layer.*`, `net.sliceK.N.*`, `lin0..lin4.model.1.weight`) are the original taming LPIPS
-keys; the package adds the aliases `lins.<i>.*` of `lin<i>.*` (the same modules).
+(lpips/weights/v0.1/vgg.pth) and a backbone read from a local file (or a random one, for tests).
+The module's keys (`scaling_layer.*`, `net.sliceK.N.*`, `lin0..lin4.model.1.weight`) are the
+original taming LPIPS keys; the package adds the aliases `lins.<i>.*` of `lin<i>.*` (the same
+modules).
 """
 from __future__ import annotations
 
@@ -75,10 +76,13 @@ def _package_linear_layers() -> dict:
     """The lpips package's bundled linear layers (`lin<i>.model.1.weight`, lpips/weights/v0.1/vgg.pth)."""
     import lpips
 
+    from taming_dist.weights.safe_load import safe_load
+
     path = Path(lpips.__file__).parent / "weights" / "v0.1" / "vgg.pth"
     # copied into new tensors: under the FakeTensorMode of FLOP counting (perf.py) torch.load gives
     # meta tensors, which must not become parameters; a new tensor is a fake one there
-    return {k: torch.empty(v.shape).copy_(v) for k, v in torch.load(path, map_location="cpu", weights_only=True).items()}
+    layers = safe_load(path)
+    return {k: torch.empty(v.shape).copy_(v) for k, v in layers.items()}
 
 
 def _random_backbone(model: nn.Module) -> dict:

@@ -215,6 +215,10 @@ def pytest_unconfigure(config):
 # The slow tests of these folders start ranks, launchers and SLURM jobs of their own and time them
 # against collective timeouts: marked `serial`, they run one at a time after the rest, which runs in
 # the pytest process and is spread over the cores (pytest-xdist, `-n auto -m "not serial"`).
+# A slow test there marked `one_process` starts at most one process at a time (a one-process run,
+# a converter, a browser) and times nothing against the clock: it stays in the parallel batch,
+# where its process takes one core and another test the other. In the serial batch it would leave
+# a core idle.
 SERIAL_DIRS = ("e2e", "distributed", "slurm")
 
 
@@ -224,7 +228,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         path = Path(str(item.path)).resolve()  # the guard tests run this file as a plugin on files elsewhere
         if path.is_relative_to(tests) and path.relative_to(tests).parts[0] in SERIAL_DIRS \
-                and item.get_closest_marker("slow"):
+                and item.get_closest_marker("slow") and not item.get_closest_marker("one_process"):
             item.add_marker(pytest.mark.serial)
 
 

@@ -111,6 +111,7 @@ def test_demo_pipeline_sample_and_reconstruct(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.one_process  # one process at a time: runs in the parallel batch (tests/conftest.py)
 def test_transformer_trains_from_extracted_codes(tmp_path):
     vq = ["vqgan-tiny", f"out_dir={tmp_path}", "name=vq", "train.steps=2", "logging.wandb_mode=disabled",
           "train.image_every=0", "data.synthetic_samples=256", *TINY_VQ]
@@ -138,6 +139,7 @@ def test_transformer_trains_from_extracted_codes(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.one_process
 def test_non_finite_steps_are_skipped_counted_then_halt(tmp_path):
     # An absurd learning rate turns the weights non-finite after the first update; every later
     # step is skipped and counted, and the run stops with a clear message after max_bad_steps.

@@ -11,27 +11,19 @@ from taming_dist.models.transformer import Transformer
 from taming_dist.weights.folder import save_model_folder
 from tests.distributed.harness import make_cfg
 from tests.distributed.util import REPO, cli, run
+from tests.e2e.runs import ENGINES
 
 pytestmark = pytest.mark.slow
 
-TINY = ["vqgan.ddconfig.ch=32", "vqgan.ddconfig.ch_mult=[1,2]", "vqgan.ddconfig.resolution=16", "data.size=16",
-        "vqgan.ddconfig.attn_resolutions=[8]", "loss.disc_start=0", "loss.discriminator.n_layers=1",
-        "train.global_batch_size=4", "train.micro_batch_size=2", "train.image_every=0", "train.ema_decay=0.5",
-        "logging.wandb_mode=disabled", "logging.progress=false", "data.synthetic_samples=256", "train.steps=2"]
-# One engine per checkpoint layout: DDP writes single's (full tensors in one DCP save) and ZeRO-1's
-# model/EMA files are ZeRO-2's (only the optimizer state is partitioned in both).
-ENGINES = {"single": (["engine.kind=single"], 1), "fsdp": (["engine.kind=fsdp"], 2),
-           "zero2": (["engine.kind=deepspeed", "engine.zero_stage=2"], 2),
-           "zero3": (["engine.kind=deepspeed", "engine.zero_stage=3"], 2)}
 
-
-@pytest.mark.parametrize("name", list(ENGINES))
-def test_convert_export_from_pretrained(tmp_path, name):
-    engine, nproc = ENGINES[name]
-    run(["-m", "taming_dist", "train", "vqgan-tiny", f"out_dir={tmp_path}", "name=r", *engine, *TINY], nproc=nproc)
-    live = tmp_path / "r" / "model"  # written in-process at the end of training (EMA weights, gathered)
-    cli(["convert", tmp_path / "r", tmp_path / "c.safetensors", "--ema"])
-    cli(["export", tmp_path / "r", tmp_path / "exp"])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.one_process) if ENGINES[n][1] == 1 else n
+                                  for n in ENGINES])
+def test_convert_export_from_pretrained(tmp_path, name, vqgan_run):
+    """Each checkpoint layout (one engine per layout) of the session's shared 4-step run."""
+    r = vqgan_run(name)
+    live = r / "model"  # written in-process at the end of training (EMA weights, gathered)
+    cli(["convert", r, tmp_path / "c.safetensors", "--ema"])
+    cli(["export", r, tmp_path / "exp"])
     consolidated = load_file(tmp_path / "c.safetensors")
     exported = load_file(tmp_path / "exp" / "model.safetensors")
     live_sd = load_file(live / "model.safetensors")
@@ -46,22 +38,23 @@ def test_convert_export_from_pretrained(tmp_path, name):
         torch.testing.assert_close(model(x)[0], ref(x)[0], rtol=1e-5, atol=1e-6)
     # raw weights differ from the EMA ones
     raw = tmp_path / "raw"
-    cli(["export", tmp_path / "r", raw, "--no-ema", "--dtype", "bf16"])
+    cli(["export", r, raw, "--no-ema", "--dtype", "bf16"])
     raw_sd = load_file(raw / "model.safetensors")
     assert raw_sd["encoder.conv_in.weight"].dtype == torch.bfloat16
     assert not torch.equal(raw_sd["encoder.conv_in.weight"].float(), live_sd["encoder.conv_in.weight"])
 
 
-def test_taming_format_reimports_identically(tmp_path):
-    run(["-m", "taming_dist", "train", "vqgan-tiny", f"out_dir={tmp_path}", "name=r", *TINY])
-    cli(["export", tmp_path / "r", tmp_path / "orig", "--format", "taming"])
+@pytest.mark.one_process  # one process at a time: runs in the parallel batch (tests/conftest.py)
+def test_taming_format_reimports_identically(tmp_path, vqgan_run):
+    r = vqgan_run("single")
+    cli(["export", r, tmp_path / "orig", "--format", "taming"])
     assert (tmp_path / "orig" / "model.yaml").exists()
     ck = torch.load(tmp_path / "orig" / "model.ckpt", weights_only=True)
     assert any(k.startswith("loss.discriminator.") for k in ck["state_dict"])
     cli(["import-taming", tmp_path / "orig" / "model.ckpt", tmp_path / "back", "--config",
          tmp_path / "orig" / "model.yaml", "--keep-loss"])
     back = load_file(tmp_path / "back" / "model.safetensors")
-    live = load_file(tmp_path / "r" / "model" / "model.safetensors")
+    live = load_file(r / "model" / "model.safetensors")
     assert back.keys() == live.keys()
     for k in live:
         assert torch.equal(back[k], live[k]), k

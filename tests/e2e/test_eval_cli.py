@@ -123,6 +123,7 @@ def test_eval_recon_errors(tmp_path, vqgan_folder, transformer_folder, shards, c
 
 
 @pytest.mark.slow
+@pytest.mark.one_process  # one process at a time: runs in the parallel batch (tests/conftest.py)
 def test_eval_recon_rfid_with_local_inception(tmp_path, vqgan_folder, shards, inception_file):
     folder, _ = shards
     report = _recon(vqgan_folder, folder, tmp_path / "r.json", "--inception-weights", str(inception_file),
@@ -194,6 +195,7 @@ def test_sample_at_scale_two_ranks(tmp_path, transformer_folder):
 
 
 @pytest.mark.slow
+@pytest.mark.one_process
 def test_eval_gen_fid_of_a_set_against_itself_is_zero(tmp_path, transformer_folder, inception_file, shards, capsys):
     _sample(transformer_folder, tmp_path / "s", "--format", "shards")
     _sample(transformer_folder, tmp_path / "s", "--format", "npz")

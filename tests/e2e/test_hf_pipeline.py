@@ -47,6 +47,7 @@ def python_block(text: str) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.one_process  # one process at a time: runs in the parallel batch (tests/conftest.py)
 def test_pipeline_readme_makes_our_image_without_taming_dist(tmp_path):
     """~25 s: the isolated process imports torch, diffusers and transformers from scratch."""
     model = trained_transformer(gpt_config("class"))
@@ -82,6 +83,7 @@ def section_blocks() -> tuple[list[str], dict[str, str]]:
 
 
 @pytest.mark.slow
+@pytest.mark.one_process
 def test_readme_interop_section_runs_as_written(tmp_path, monkeypatch):
     """~60 s (one ONNX export). The demo's VQGAN and runs/transformer-tiny are stood in for by transformer-tiny-shaped models
     (random weights); every command runs in-process through the CLI, every code block as written."""

@@ -170,6 +170,7 @@ def screenshot(browser, tmp_path, page, name):
 
 
 @pytest.mark.slow
+@pytest.mark.one_process  # one process at a time: runs in the parallel batch (tests/conftest.py)
 def test_report_renders_in_a_headless_browser(tmp_path):
     browser = chromium()
     args = ["train", "vqgan-tiny", f"out_dir={tmp_path}", "name=tiny", "train.steps=4", "train.log_every=1",

@@ -11,19 +11,10 @@ import pytest
 from safetensors.torch import load_file
 
 from tests.distributed.util import REPO, run, test_env
+from tests.e2e.runs import ENGINES as RUN_ENGINES
+from tests.e2e.runs import TINY, train
 
 pytestmark = pytest.mark.slow
-
-TINY = ["vqgan.ddconfig.ch=32", "vqgan.ddconfig.ch_mult=[1,2]", "vqgan.ddconfig.resolution=16", "data.size=16",
-        "vqgan.ddconfig.attn_resolutions=[8]", "loss.disc_start=1", "loss.discriminator.n_layers=1",
-        "train.global_batch_size=4", "train.micro_batch_size=2", "train.log_every=1", "train.image_every=0",
-        "logging.wandb_mode=disabled", "logging.progress=false", "data.synthetic_samples=256"]
-
-
-def train(out, name, steps, engine, nproc, extra=()):
-    args = ["-m", "taming_dist", "train", "vqgan-tiny", f"out_dir={out}", f"name={name}", f"train.steps={steps}",
-            f"train.ckpt_every={steps}", *engine, *TINY, *extra]
-    return run(args, nproc=nproc, timeout=600)
 
 
 def losses(run_dir):
@@ -34,32 +25,30 @@ def losses(run_dir):
 
 # DDP saves and loads through single's path (full tensors, one DCP save); its per-rank RNG and data
 # positions are the 2-rank FSDP2 run's.
-ENGINES = {
-    "single": (["engine.kind=single"], 1),
-    "fsdp": (["engine.kind=fsdp"], 2),
-    "zero3": (["engine.kind=deepspeed", "engine.zero_stage=3"], 2),
-}
+ENGINES = {name: RUN_ENGINES[name] for name in ("single", "fsdp", "zero3")}
 
 
-@pytest.mark.parametrize("name", list(ENGINES))
-def test_exact_resume(tmp_path, name):
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.one_process) if ENGINES[n][1] == 1 else n
+                                  for n in ENGINES])
+def test_exact_resume(tmp_path, name, vqgan_run):
     """An unbroken 4-step run checkpoints at steps 2 and 4; a new run started on a copy of its
     step-2 checkpoint alone (what a job killed after step 2 leaves) resumes and gives the same
-    losses at steps 3 and 4 and the same final weights, bit for bit. Two launches, not three: the
-    unbroken run also writes the checkpoint the resume starts from."""
+    losses at steps 3 and 4 and the same final (EMA) weights, bit for bit. Two launches, not three:
+    the unbroken run (the session's shared run of this engine) also writes the checkpoint the resume
+    starts from."""
     engine, nproc = ENGINES[name]
-    train(tmp_path, "straight", 4, engine, nproc, ["train.ckpt_every=2"])
-    src, dst = tmp_path / "straight" / "checkpoints", tmp_path / "resumed" / "checkpoints"
+    straight = vqgan_run(name)
+    src, dst = straight / "checkpoints", tmp_path / "resumed" / "checkpoints"
     dst.mkdir(parents=True)
     shutil.copytree(src / "step_000002", dst / "step_000002")
     (dst / "latest").write_text("step_000002\n")
     p = train(tmp_path, "resumed", 4, engine, nproc)
     assert "resumed from" in p.stdout + p.stderr and "step_000002" in p.stdout + p.stderr
-    a, b = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    a, b = losses(straight), losses(tmp_path / "resumed")
     assert set(a) == {1, 2, 3, 4} and set(b) == {3, 4}
     for step in (3, 4):
         assert a[step] == b[step], f"step {step}: straight {a[step]} vs resumed {b[step]}"
-    wa = load_file(tmp_path / "straight" / "model" / "model.safetensors")
+    wa = load_file(straight / "model" / "model.safetensors")
     wb = load_file(tmp_path / "resumed" / "model" / "model.safetensors")
     assert wa.keys() == wb.keys()
     for k in wa:
@@ -82,6 +71,7 @@ KILLER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.one_process  # one process at a time: runs in the parallel batch (tests/conftest.py)
 def test_kill_9_during_checkpoint_write_keeps_previous(tmp_path):
     script = tmp_path / "killer.py"
     script.write_text(KILLER)
@@ -117,6 +107,7 @@ ASYNC_KILLER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.one_process
 def test_kill_9_during_async_background_write_keeps_previous(tmp_path):
     """train.async_checkpoint=true: the write runs on DCP's background thread (recorded: not the main
     thread, for both checkpoints), and a kill -9 in the middle of it leaves `latest` at the previous
@@ -158,7 +149,7 @@ def test_fsdp_resume_on_one_rank_reshards_and_keeps_the_global_batch(tmp_path):
     assert sorted(losses(tmp_path / "f")) == [1, 2, 3]
 
 
-def test_deepspeed_other_world_size_explains_conversion(tmp_path):
-    train(tmp_path, "d", 2, ["engine.kind=deepspeed", "engine.zero_stage=2"], 2)
+def test_deepspeed_other_world_size_explains_conversion(tmp_path, vqgan_run):
+    shutil.copytree(vqgan_run("zero2"), tmp_path / "d", symlinks=True)  # the shared 2-rank run, 4 steps
     with pytest.raises(AssertionError, match="ds_to_universal"):
-        train(tmp_path, "d", 3, ["engine.kind=deepspeed", "engine.zero_stage=2"], 1)
+        train(tmp_path, "d", 5, ["engine.kind=deepspeed", "engine.zero_stage=2"], 1)

@@ -52,6 +52,7 @@ def test_the_readme_text_to_image_path_runs_as_written(tmp_path):
     assert (tmp_path / "t2i.png").exists()
 
 
+@pytest.mark.one_process  # one process at a time: runs in the parallel batch (tests/conftest.py)
 def test_llamagen_shaped_preset_is_planned_and_trains_two_steps_at_a_small_width(tmp_path, capsys):
     from taming_dist.cli import main
     from taming_dist.config import load_config

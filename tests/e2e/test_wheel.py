@@ -32,6 +32,7 @@ def _run(cmd, **kw) -> subprocess.CompletedProcess:
     return p
 
 
+@pytest.mark.one_process  # one process at a time: runs in the parallel batch (tests/conftest.py)
 def test_wheel_installs_and_trains_outside_the_checkout(tmp_path):
     # Build from a copy (links kept, as in a clone): an in-tree build would reuse stale build/ files.
     src = tmp_path / "src"

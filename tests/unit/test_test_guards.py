@@ -187,6 +187,33 @@ def test_make_test_runs_the_multi_process_tests_one_at_a_time_and_the_rest_over_
     assert "tests/e2e/test_cli.py::test_demo_pipeline_sample_and_reconstruct" in serial
     assert "tests/e2e/test_cli.py::test_config_errors_are_one_clear_line" in rest  # not slow
     assert "tests/unit/test_gpu_suite.py::test_gpu_suite_dry_run_prints_every_row" in rest  # slow, in-process
+    # slow, but one process at a time (one_process): in the parallel batch
+    assert "tests/e2e/test_cli.py::test_transformer_trains_from_extracted_codes" in rest
     recipe = (REPO / "Makefile").read_text().split("\ntest:", 1)[1].split("\n\n", 1)[0]
     assert '-n $(TEST_WORKERS) --durations=15 -m "not serial" tests || rc=$$?' in recipe
     assert "--durations=40 -m serial tests || rc=$$?" in recipe and recipe.rstrip().endswith("exit $$rc")
+
+
+def test_one_process_tests_start_no_ranks_or_launchers():
+    """A test marked `one_process` runs beside another test in the parallel batch, so it must not
+    start ranks, launchers or SLURM jobs: its source names none of them (nproc is 1 where a
+    parametrized test takes it from a table)."""
+    import ast
+
+    launchers = ("torchrun", "torch.distributed.run", "sbatch", "srun", "Executor(", "nproc=2", "deepspeed.launcher")
+    marked = 0
+    for path in sorted((REPO / "tests").glob("*/test_*.py")):
+        tree = ast.parse(path.read_text())
+        for fn in tree.body:
+            if not isinstance(fn, ast.FunctionDef):
+                continue
+            marks = [ast.unparse(d) for d in fn.decorator_list]
+            if not any("one_process" in m for m in marks):
+                continue
+            marked += 1
+            source = ast.get_source_segment(path.read_text(), fn)
+            found = [w for w in launchers if w in source]
+            assert not found, f"{path.name}::{fn.name} is marked one_process but starts {found}"
+            if "nproc=nproc" in source:  # parametrized over engines: only its one-process entries are marked
+                assert any("ENGINES[n][1] == 1" in m for m in marks), f"{path.name}::{fn.name}"
+    assert marked >= 10

@@ -7,6 +7,10 @@ STAMP := $(VENV)/.installed
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export WANDB_SILENT ?= true
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
+# Python caches each module's bytecode (__pycache__/, git-ignored) unless PYTHONDONTWRITEBYTECODE is
+# set, as some container images do; then every process compiles this package's modules again,
+# about 1 s of each 2-rank launch of the tests (docs/platform-notes.md). Not passed on to the recipes.
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: demo test test-fast venv clean
 

@@ -7,9 +7,12 @@ The order is torchtitan's (`parallelize_llama`), and each step needs the ones be
   2. channels_last weights: before compile, so the graphs are traced for the layout they run with
      (not under FSDP2, which refuses non-contiguous parameters).
   3. compile: in place (`module.compile()`, no `_orig_mod.` in parameter names, so checkpoints do
-     not depend on it). Per declared block under FSDP2, so every block is its own graph between
-     FSDP2's all-gather hooks (dynamo leaves those hooks out: torch._dynamo.config.skip_fsdp_hooks);
-     the whole module otherwise (DDP's gradient hooks sit on the parameters, outside the graph).
+     not depend on it). Per declared block under FSDP2 and DDP: under FSDP2 every block is its own
+     graph between the all-gather hooks (dynamo leaves those hooks out:
+     torch._dynamo.config.skip_fsdp_hooks); under DDP the gradient hooks sit on the parameters,
+     outside the graphs, and blocks of one kind share one graph, so compile time does not grow with
+     depth (the whole module took 5 graphs, split by dynamo's DDPOptimizer at the gradient buckets,
+     and 13 s against 4.5 s for the 2-block test GPT). One process compiles the whole module.
   4. FSDP2: `fully_shard` each declared block, then the root, which takes the parameters left over.
      Every block all-gathers and frees on its own; the root's parameters stay gathered.
   5. DDP: wrap what forward is called on; the parameters stay the module's own.
@@ -80,7 +83,7 @@ def parallelize(module: nn.Module, blocks: list[nn.Module], cfg: EngineConfig, m
     apply_ac(module, cfg.activation_checkpointing)
     apply_channels_last(module, cfg.channels_last and mode != "fsdp")
     if cfg.compile:
-        apply_compile(module, blocks, cfg.compile_backend, per_block=mode == "fsdp")
+        apply_compile(module, blocks, cfg.compile_backend, per_block=mode in ("ddp", "fsdp"))
     if mode == "fsdp":
         apply_fsdp(module, blocks, mesh, _DTYPES[cfg.precision])
     if mode == "ddp":

@@ -84,17 +84,24 @@ def test_fsdp_mode_checkpoints_then_compiles_each_block_then_shards_blocks_befor
     assert all(p.is_contiguous() for p in m.parameters())  # no channels_last weights under FSDP2
 
 
-@pytest.mark.parametrize("mode", ["none", "ddp"])
-def test_other_modes_compile_the_whole_module_and_ddp_wraps_last(model_and_calls, mode):
+def test_one_process_compiles_the_whole_module(model_and_calls):
+    m, calls = model_and_calls
+    cfg = EngineConfig(kind="single", activation_checkpointing=True, compile=True, compile_backend="eager")
+    out = parallelize(m, m.parallel_blocks(), cfg, "none", device=torch.device("cpu"))
+    assert m.grad_checkpointing and compiled(m) and not any(compiled(b) for b in m.blocks)
+    assert out is m and calls == []
+
+
+def test_ddp_compiles_each_block_then_wraps_last(model_and_calls):
+    """As torchtitan: each block its own graph (one graph serves all blocks of one kind, whatever
+    the depth), DDP's gradient hooks outside them; the whole module is not compiled, so dynamo's
+    DDPOptimizer does not split one big graph at the gradient buckets."""
     m, calls = model_and_calls
     cfg = EngineConfig(kind="ddp", activation_checkpointing=True, compile=True, compile_backend="eager")
-    out = parallelize(m, m.parallel_blocks(), cfg, mode, device=torch.device("cpu"))
-    assert m.grad_checkpointing and compiled(m) and not any(compiled(b) for b in m.blocks)
-    if mode == "ddp":
-        assert calls == [("ddp", m, (True, [False, False], True))]  # wrapped last, after AC and compile
-        assert out.module is m
-    else:
-        assert out is m and calls == []
+    out = parallelize(m, m.parallel_blocks(), cfg, "ddp", device=torch.device("cpu"))
+    assert m.grad_checkpointing and not compiled(m) and all(compiled(b) for b in m.blocks)
+    assert calls == [("ddp", m, (True, [True, True], False))]  # wrapped last, after AC and compile
+    assert out.module is m
 
 
 def test_switches_off_leave_the_module_as_it_was(model_and_calls):

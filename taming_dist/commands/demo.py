@@ -92,7 +92,10 @@ def run(args) -> int:
     gpu = torch.cuda.is_available()
     nproc = args.nproc or (torch.cuda.device_count() if gpu else 2)
     factor = GPU_STEP_FACTOR if gpu else 1
-    common = [f"out_dir={out}", "engine.kind=fsdp", *args.overrides]
+    # FSDP2 with the whole model as one group: the demo's ~1M-parameter models spend a step on
+    # collective latency, not memory, and one group per model cut the VQGAN step on 2 CPU ranks
+    # from 0.57 s to 0.36 s and the transformer's from 0.31 s to 0.25 s (README, "The demo")
+    common = [f"out_dir={out}", "engine.kind=fsdp", "engine.fsdp_wrap=root", *args.overrides]
     vq_steps = args.vqgan_steps or load_config("vqgan-tiny").train.steps * factor
     tr_steps = args.transformer_steps or load_config("transformer-text-tiny").train.steps * factor
     device = f"{nproc} GPU ranks" if gpu else f"{nproc} CPU ranks"

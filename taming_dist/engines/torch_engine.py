@@ -185,15 +185,20 @@ def planned_bytes(kind, shapes, groups, blocks, world, ecfg) -> tuple[dict, int]
         return {"params": 4 * P, "grads": 4 * P, "optim": 8 * P, "buffers": 4 * P}, P
     if kind != "fsdp":
         raise ValueError(f"the memory planner has no model of engine {kind!r}")
+    root_only = ecfg.fsdp_wrap == "root"
+    if root_only:
+        blocks = []  # one group: the root's gathered copy is the whole module's (below)
     blk = max(blocks, default=0)
     # FSDP2 shards each parameter on dim 0 in chunks of ceil(dim0 / world); rank 0 holds a full one.
     shard = ecfg.fsdp_shard_size or world
     local = sum(math.ceil(s[0] / shard) * (s.numel() // s[0]) for s in shapes if s.numel())
     # fp32 shards (MixedPrecisionPolicy casts the gathered copy). Buffers: the gathered copies of
     # the root's parameters (kept through forward and backward) and of two blocks (the running
-    # and the prefetched one), one block's unsharded gradients and their fp32 reduce-scatter copy.
+    # and the prefetched one), one block's unsharded gradients and their fp32 reduce-scatter copy;
+    # with the root as the only group, all of the module's gathered parameters and gradients.
+    grads = (d + 4) * (P if root_only else blk)
     return {"params": 4 * local, "grads": 4 * local, "optim": 8 * local,
-            "buffers": d * (P - sum(blocks) + 2 * blk) + (d + 4) * blk}, local
+            "buffers": d * (P - sum(blocks) + 2 * blk) + grads}, local
 
 
 def consolidate(ckpt, manifest: dict, ema: bool, read_tensors) -> dict[str, dict]:

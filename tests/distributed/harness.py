@@ -116,13 +116,17 @@ class Probes:
     @staticmethod
     def layout(units) -> dict:
         """How the largest parameter of each unit is laid out: its DTensor placements, mesh shape
-        and the local shard's shape against the full one (FSDP2 / HSDP), else None."""
+        and the local shard's shape against the full one (FSDP2 / HSDP), and how many modules are
+        FSDP2 groups (fully_shard'ed: the blocks and the root, or the root alone); else None."""
+        from torch.distributed.fsdp import FSDPModule
+
         out = {}
         for name, unit in units.items():
             p = max(unit.raw.parameters(), key=lambda t: t.numel())
             if hasattr(p, "placements"):
                 out[name] = {"placements": [str(x) for x in p.placements], "mesh": list(p.device_mesh.shape),
-                             "local": list(p.to_local().shape), "full": list(p.shape)}
+                             "local": list(p.to_local().shape), "full": list(p.shape),
+                             "fsdp_groups": sum(isinstance(m, FSDPModule) for m in unit.raw.modules())}
             elif hasattr(unit.module, "zero_offload_optimizer"):  # a DeepSpeedEngine: what it runs with
                 inner = getattr(unit.optimizer, "optimizer", unit.optimizer)
                 out[name] = {"optimizer": type(inner).__name__, "offload_optimizer": bool(unit.module.zero_offload_optimizer()),

@@ -379,6 +379,25 @@ TEXT = ("transformer.condition.kind=text:transformer.gpt.cross_attention=true:tr
 TEXT_ZERO = {"transformer": {f"blocks.{i}.cross_attn.key.bias": _SOFTMAX for i in range(2)}}
 REF += [spec("transformer", "single", TEXT), spec("transformer", "single", TEXT, "ac"),
         spec("transformer", "single", TEXT, EMA), spec("transformer", "single", TEXT, EMA, "save=2", "tag=text")]
+# engine.fsdp_wrap=root: the whole module one FSDP2 group (what the demo runs), both stages
+ROOT = "engine.fsdp_wrap=root"
+DIST += [spec("vqgan", "fsdp", ROOT), spec("transformer", "fsdp", ROOT)]
+
+
+@pytest.mark.parametrize("stage", ["vqgan", "transformer"])
+def test_fsdp_wrap_root_is_one_group_and_gets_the_single_process_update(runs, stage):
+    per_block, root = runs[spec(stage, "fsdp")], runs[spec(stage, "fsdp", ROOT)]
+    unit = "generator" if stage == "vqgan" else "transformer"
+    # the switch is on: one fully_shard'ed module (the root) against one per block and the root
+    assert root["layout"][unit]["fsdp_groups"] == 1 and per_block["layout"][unit]["fsdp_groups"] > 2
+    assert root["layout"][unit]["local"][0] * 2 == root["layout"][unit]["full"][0]  # still sharded over 2 ranks
+    ref = spec(stage, "single")
+    _losses_match(runs[ref], root, VQ_KEYS if stage == "vqgan" else LM_KEYS)
+    assert root["replica_spread"] == 0.0
+    bad = update_mismatches(runs.tensors(ref), runs.tensors(spec(stage, "fsdp", ROOT)))
+    assert not bad, "\n".join(bad)
+
+
 DIST += ([spec("transformer", e, TEXT) for e in ENGINES] + [spec("transformer", e, TEXT, "ac") for e in ("fsdp", "deepspeed:3")]
          + [spec("transformer", "fsdp", TEXT, EMA, "resume=text")])
 

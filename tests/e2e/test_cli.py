@@ -74,7 +74,8 @@ def test_demo_pipeline_sample_and_reconstruct(tmp_path):
         run_dir = out / stage
         assert (run_dir / "images" / image).exists()
         assert (run_dir / "config.yaml").exists() and (run_dir / "model" / "model.safetensors").exists()
-        assert yaml.safe_load((run_dir / "config.yaml").read_text())["engine"]["kind"] == "fsdp"
+        engine = yaml.safe_load((run_dir / "config.yaml").read_text())["engine"]
+        assert engine["kind"] == "fsdp" and engine["fsdp_wrap"] == "root"  # one FSDP2 group per model
         assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_000012"
         assert list((run_dir / "wandb").glob("offline-run-*")), "wandb offline data missing"
         lines = (run_dir / "log.txt").read_text().splitlines()

@@ -156,6 +156,8 @@ def test_actnorm_discriminator_is_refused_where_its_init_would_be_lost(engine):
     (["engine.kind=deepspeed", "engine.zero_stage=1", "engine.offload_optimizer=cpu"], "zero_stage 2 or 3"),
     (["engine.kind=deepspeed", "engine.zero_stage=2", "engine.offload_params=cpu"], "zero_stage=3"),
     (["engine.kind=ddp", "engine.fsdp_shard_size=8"], "FSDP2 setting"),
+    (["engine.kind=ddp", "engine.fsdp_wrap=root"], "FSDP2 setting"),
+    (["engine.kind=fsdp", "engine.fsdp_wrap=layers"], "not one of blocks"),
     (["engine.kind=deepspeed", "engine.offload_optimizer=nvme"], "none, cpu"),
 ])
 def test_engine_settings_are_checked(overrides, match):

@@ -84,6 +84,29 @@ def test_fsdp_mode_checkpoints_then_compiles_each_block_then_shards_blocks_befor
     assert all(p.is_contiguous() for p in m.parameters())  # no channels_last weights under FSDP2
 
 
+def test_fsdp_wrap_root_shards_the_root_only_and_still_compiles_each_block(model_and_calls):
+    """engine.fsdp_wrap=root: one FSDP2 group (the whole module); blocks are still compiled alone."""
+    m, calls = model_and_calls
+    cfg = EngineConfig(kind="fsdp", compile=True, compile_backend="eager", fsdp_wrap="root")
+    out = parallelize(m, m.parallel_blocks(), cfg, "fsdp", mesh="a mesh", device=torch.device("cpu"))
+    assert out is m and [c[1] for c in calls] == [m]  # one fully_shard, of the root
+    assert calls[0][2] == (False, [True, True], False)
+
+
+def test_fsdp_wrap_root_is_planned_with_the_whole_module_gathered():
+    from taming_dist.engines.torch_engine import planned_bytes
+
+    shapes = [torch.Size([64, 64])] * 4  # two blocks of two tensors
+    blocks, ecfg = [2 * 64 * 64, 2 * 64 * 64], EngineConfig(kind="fsdp", precision="bf16")
+    per_block, local = planned_bytes("fsdp", shapes, None, blocks, 2, ecfg)
+    root, local_root = planned_bytes("fsdp", shapes, None, blocks, 2, EngineConfig(kind="fsdp", precision="bf16",
+                                                                                  fsdp_wrap="root"))
+    P = 4 * 64 * 64
+    assert local == local_root == P // 2  # the same shards either way
+    assert per_block["buffers"] == 2 * P + 6 * (P // 2)  # root (none) + two blocks gathered, one block's grads
+    assert root["buffers"] == 2 * P + 6 * P  # the whole module gathered, all its gradients unsharded
+
+
 def test_one_process_compiles_the_whole_module(model_and_calls):
     m, calls = model_and_calls
     cfg = EngineConfig(kind="single", activation_checkpointing=True, compile=True, compile_backend="eager")

@@ -29,9 +29,10 @@ demo: $(STAMP)
 # by pytest-xdist; the multi-process ones (`serial`: slow tests of tests/e2e, tests/distributed and
 # tests/slurm, which start ranks, launchers and SLURM jobs of their own and time them against
 # collective timeouts) then run one at a time. The second batch collects those three folders only
-# (serial is set nowhere else), which saves importing every unit test module again (about 5 s). Both batches always run; the status is the first
-# failure's. Running the multi-process tests two at a time (xdist, a file per worker) was measured
-# and gave no gain: those not timed against the clock took 1280 s at 192% CPU, each 2-3.7x slower
+# (serial is set nowhere else), which saves importing every unit test module again (about 5 s).
+# Both batches always run; the status is the first failure's. Running the multi-process tests two
+# at a time (xdist, a file per worker) was measured and gave no gain: those not timed against the
+# clock took 1280 s at 192% CPU, each 2-3.7x slower
 # than alone (the equivalence launch 404 s, the CPUAdam build 334 s); one at a time they took 1469 s
 # in the run of 12fca12, an hour when every test ran about 30% slower than on an idle machine.
 TEST_WORKERS ?= auto

@@ -1,5 +1,7 @@
 """The tiny VQGAN runs of the end-to-end tests: settings, engines, and the training command. The
 session fixture that trains each engine's run once is in conftest.py."""
+import pytest
+
 from tests.distributed.util import run
 
 # The tiny VQGAN every shared run trains: 4 steps of global batch 4, a checkpoint at steps 2 and 4,
@@ -26,3 +28,9 @@ def train(out, name, steps, engine, nproc, extra=(), ckpt_every=None):
     args = ["-m", "taming_dist", "train", "vqgan-tiny", f"out_dir={out}", f"name={name}", f"train.steps={steps}",
             f"train.ckpt_every={ckpt_every or steps}", *engine, *TINY, EMA, *extra]
     return run(args, nproc=nproc, timeout=600)
+
+
+def engine_params(engines: dict) -> list:
+    """pytest params of `engines` (name -> (overrides, processes)), the one-process entries marked
+    one_process: they run in the parallel batch (tests/conftest.py)."""
+    return [pytest.param(n, marks=pytest.mark.one_process) if engines[n][1] == 1 else n for n in engines]

@@ -11,13 +11,12 @@ from taming_dist.models.transformer import Transformer
 from taming_dist.weights.folder import save_model_folder
 from tests.distributed.harness import make_cfg
 from tests.distributed.util import REPO, cli, run
-from tests.e2e.runs import ENGINES
+from tests.e2e.runs import ENGINES, engine_params
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.one_process) if ENGINES[n][1] == 1 else n
-                                  for n in ENGINES])
+@pytest.mark.parametrize("name", engine_params(ENGINES))
 def test_convert_export_from_pretrained(tmp_path, name, vqgan_run):
     """Each checkpoint layout (one engine per layout) of the session's shared 4-step run."""
     r = vqgan_run(name)

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from tests.distributed.util import REPO, run, test_env
 from tests.e2e.runs import ENGINES as RUN_ENGINES
-from tests.e2e.runs import TINY, train
+from tests.e2e.runs import TINY, engine_params, train
 
 pytestmark = pytest.mark.slow
 
@@ -28,8 +28,7 @@ def losses(run_dir):
 ENGINES = {name: RUN_ENGINES[name] for name in ("single", "fsdp", "zero3")}
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.one_process) if ENGINES[n][1] == 1 else n
-                                  for n in ENGINES])
+@pytest.mark.parametrize("name", engine_params(ENGINES))
 def test_exact_resume(tmp_path, name, vqgan_run):
     """An unbroken 4-step run checkpoints at steps 2 and 4; a new run started on a copy of its
     step-2 checkpoint alone (what a job killed after step 2 leaves) resumes and gives the same

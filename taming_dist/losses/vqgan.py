@@ -158,7 +158,7 @@ class VQGANLoss(nn.Module):
         value = sum(w * _wide(v.detach()) for w, v, _ in terms) + codebook.detach()
         grad_rec = sum(w * g for w, _, g in terms)
         logs.update({"loss": value, "nll": nll.detach(), "quant_loss": q.detach(), "g_loss": _wide(g_loss.detach()),
-                     "d_weight": torch.as_tensor(d_weight).detach(), "disc_factor": torch.tensor(df)})
+                     "d_weight": d_weight.detach(), "disc_factor": torch.tensor(df, device=x.device)})
         return GeneratorObjective(grad_rec=grad_rec, codebook=codebook, loss=value, logs=logs)
 
     def discriminator_loss(self, logits_real: torch.Tensor, logits_fake: torch.Tensor, step: int,

@@ -7,8 +7,10 @@ One process, one GPU, random weights and data, no network:
   gpt     a gpt-cin-1.4b-like GPT (the preset's widths, --gpt-layers deep) on pre-extracted codes,
           bf16, compile off/on: tokens/s, MFU, peak memory
   decode  KV-cached sampling of 256 tokens, eager vs compiled, at batch 1 / 16 / 64: tokens/s
-Prints one table and writes JSON (--json). `--dry-run` runs the same code on the CPU at tiny sizes
-(vqgan-tiny, transformer-tiny, a 2x64 GPT, inductor swapped for the eager backend so it takes seconds):
+Prints each row as it ends, then the table; writes the JSON (--json) after every row, so a run stopped
+by its time limit keeps what it measured; a bench that fails is a FAILED row and the others still run.
+`--dry-run` runs the same code on the CPU at tiny sizes (vqgan-tiny, gpt-cin-1.4b's preset at 2x64,
+a 2x64 decoding GPT, inductor swapped for the eager backend so it takes seconds):
 tests/unit/test_gpu_suite.py runs it, so the suite cannot rot before a GPU is at hand.
 
 Targets for the first GPU run (issue "Speed at cluster scale"): GPT stage >= 50% MFU in bf16;
@@ -50,8 +52,8 @@ def train_row(name, preset, overrides, micro, steps, warmup, device, dry):
               "logging.wandb_mode=disabled", "train.image_every=0"]
     if stage == "vqgan":
         common += ["loss.disc_start=0", "loss.lpips_backbone=random"]
-    else:
-        common += ["data.kind=codes", "data.path=unused"]
+    else:  # pre-extracted codes: no first-stage weights to read (the preset names released ones)
+        common += ["data.kind=codes", "data.path=unused", "first_stage_ckpt="]
     if dry:
         common += ["engine.compile_backend=eager"]  # dynamo graphs, no codegen: seconds on a CPU
     cfg = load_config(preset, common + list(overrides))
@@ -111,43 +113,100 @@ def decode_rows(device, dry, batches, tokens, layers, width):
     return rows
 
 
-def run_suite(dry: bool, device: torch.device, gpt_layers: int = 24) -> list[dict]:
+def benches(dry: bool, device: torch.device, gpt_layers: int = 24) -> list[tuple[str, object]]:
+    """(name, function returning its rows), the ones the targets need first: a run cut short by its
+    time limit keeps those."""
     s = dict(steps=2, warmup=1) if dry else dict(steps=10, warmup=3)
     vq, vq_micro = ("vqgan-tiny", 2) if dry else ("vqgan-f16-16384", 8)
     res = (["vqgan.ddconfig.resolution=16", "data.size=16"] if dry
            else ["vqgan.ddconfig.resolution=256"])
-    rows = []
-    for name, extra in (("vqgan fp32", ["engine.precision=fp32"]),
-                        ("vqgan bf16", ["engine.precision=bf16"]),
-                        ("vqgan bf16 channels_last", ["engine.precision=bf16", "engine.channels_last=true"]),
-                        ("vqgan bf16 compile", ["engine.precision=bf16", "engine.compile=true"]),
-                        ("vqgan bf16 compile channels_last", ["engine.precision=bf16", "engine.compile=true",
-                                                              "engine.channels_last=true"])):
-        rows.append(train_row(name, vq, res + extra, vq_micro, device=device, dry=dry, **s))
-    lm, lm_micro = ("transformer-tiny", 2) if dry else ("gpt-cin-1.4b", 8)
-    lm_size = [] if dry else [f"transformer.gpt.n_layer={gpt_layers}"]
-    for name, extra in (("gpt bf16", ["engine.precision=bf16"]),
-                        ("gpt bf16 compile", ["engine.precision=bf16", "engine.compile=true"])):
-        rows.append(train_row(name, lm, lm_size + extra, lm_micro, device=device, dry=dry, **s))
-    if dry:
-        rows += decode_rows(device, dry, (1, 2), tokens=16, layers=2, width=64)
-    else:
-        rows += decode_rows(device, dry, (1, 16, 64), tokens=256, layers=24, width=1536)
+    lm, lm_micro = "gpt-cin-1.4b", 2 if dry else 8  # the dry run shrinks the same preset (same overrides)
+    lm_size = (["transformer.gpt.n_layer=2", "transformer.gpt.n_embd=64", "transformer.gpt.n_head=2"] if dry
+               else [f"transformer.gpt.n_layer={gpt_layers}"])
+
+    def train(name, preset, overrides, micro):
+        return name, lambda: [train_row(name, preset, overrides, micro, device=device, dry=dry, **s)]
+
+    bf16, comp, cl = "engine.precision=bf16", "engine.compile=true", "engine.channels_last=true"
+    decode = (lambda: decode_rows(device, dry, (1, 2), tokens=16, layers=2, width=64)) if dry else \
+        (lambda: decode_rows(device, dry, (1, 16, 64), tokens=256, layers=24, width=1536))
+    return [train("vqgan fp32", vq, res + ["engine.precision=fp32"], vq_micro),
+            train("vqgan bf16", vq, res + [bf16], vq_micro),
+            train("vqgan bf16 compile", vq, res + [bf16, comp], vq_micro),
+            train("gpt bf16", lm, lm_size + [bf16], lm_micro),
+            train("gpt bf16 compile", lm, lm_size + [bf16, comp], lm_micro),
+            ("decode", decode),
+            train("vqgan bf16 channels_last", vq, res + [bf16, cl], vq_micro),
+            train("vqgan bf16 compile channels_last", vq, res + [bf16, comp, cl], vq_micro)]
+
+
+def _in_process(fn) -> list[dict]:
+    return fn()
+
+
+def _in_child(name: str, gpt_layers: int, limit_s: float, dry: bool = False) -> list[dict]:
+    """One bench in a fresh process (not a fork): a crash in CUDA or a compiler (a segfault) then costs
+    that row alone, and each bench starts from an empty allocator and compile cache."""
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        out = f"{d}/rows.json"
+        try:
+            p = subprocess.run([sys.executable, __file__, "--bench", name, "--rows-to", out,
+                                "--gpt-layers", str(gpt_layers), *["--dry-run"] * dry], capture_output=True, text=True, timeout=limit_s)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"ran past its {limit_s:.0f} s (--bench-limit-s)") from None
+        if p.returncode != 0:
+            lines = [line for line in p.stderr.strip().splitlines() if line.strip()]
+            where = next((line.strip() for line in lines if line.lstrip().startswith('File "')), "")
+            raise RuntimeError(f"exit {p.returncode}: {(lines or ['no output'])[-1]}" + (f" (at {where})" * bool(where)))
+        return json.loads(open(out).read())
+
+
+def _guarded(rows, name, fn, progress):
+    """Run one bench; a failure becomes a row with its error (the other rows still run), and each row
+    is printed and handed to `progress` as it ends, so a run cut short keeps what it measured."""
+    try:
+        got = fn()
+    except Exception as e:  # noqa: BLE001 - one bench's failure (OOM, a compile error) is reported, not fatal
+        got = [{"bench": name, "error": f"{type(e).__name__}: {e}"[:500]}]
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    for r in got:
+        rows.append(r)
+        print(table([r], header=False), flush=True)
+    progress(rows)
+
+
+def run_suite(dry: bool, device: torch.device, gpt_layers: int = 24, progress=lambda rows: None,
+              isolate: bool = False, limit_s: float = 600) -> list[dict]:
+    rows: list[dict] = []
+    print(table([]), flush=True)
+    for name, fn in benches(dry, device, gpt_layers):
+        run = (lambda n=name: _in_child(n, gpt_layers, limit_s, dry)) if isolate else (lambda f=fn: _in_process(f))
+        _guarded(rows, name, run, progress)
     return rows
 
 
 def summary(rows: list[dict]) -> dict:
-    """The targets' ratios, from the rows."""
-    by = {r["bench"]: r for r in rows}
-    out = {"vqgan_bf16_compile_vs_fp32": by["vqgan bf16 compile"]["rate"] / by["vqgan fp32"]["rate"],
-           "gpt_bf16_mfu": max(by["gpt bf16"]["mfu"] or 0, by["gpt bf16 compile"]["mfu"] or 0) or None,
-           "decode_speedup": {r["micro_batch"]: r["speedup"] for r in rows if r["stage"] == "decode"}}
-    return out
+    """The targets' ratios, from the rows (None where a row they need failed or did not run)."""
+    by = {r["bench"]: r for r in rows if "error" not in r}
+    fp32, comp = by.get("vqgan fp32"), by.get("vqgan bf16 compile")
+    mfus = [by[b]["mfu"] for b in ("gpt bf16", "gpt bf16 compile") if b in by and by[b].get("mfu") is not None]
+    return {"vqgan_bf16_compile_vs_fp32": comp["rate"] / fp32["rate"] if fp32 and comp else None,
+            "gpt_bf16_mfu": max(mfus) if mfus else None,
+            "decode_speedup": {r["micro_batch"]: r["speedup"] for r in rows if r.get("stage") == "decode"},
+            "failed": {r["bench"]: r["error"] for r in rows if "error" in r}}
 
 
-def table(rows: list[dict]) -> str:
-    lines = [f"{'bench':34} {'micro':>5} {'rate':>12} {'unit':9} {'step s':>8} {'MFU':>6} {'peak GiB':>8}  note"]
+def table(rows: list[dict], header: bool = True) -> str:
+    lines = [f"{'bench':34} {'micro':>5} {'rate':>12} {'unit':9} {'step s':>8} {'MFU':>6} {'peak GiB':>8}  note"] * header
     for r in rows:
+        if "error" in r:
+            lines.append(f"{r['bench']:34} FAILED: {r['error']}")
+            continue
         mfu_s = f"{r['mfu'] * 100:5.1f}%" if r.get("mfu") is not None else "     -"
         mem = f"{r['peak_mem_gib']:8.2f}" if r.get("peak_mem_gib") is not None else "       -"
         note = f"eager {r['eager_rate']:.0f} tok/s, {r['speedup']:.2f}x" if r["stage"] == "decode" else r["config"]
@@ -161,20 +220,37 @@ def main(argv=None) -> dict:
     p.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU (what the test runs)")
     p.add_argument("--json", help="write the rows and the summary here")
     p.add_argument("--gpt-layers", type=int, default=24, help="depth of the gpt-cin-1.4b-like GPT (the preset has 48)")
+    p.add_argument("--bench-limit-s", type=float, default=600, help="a bench running longer is a FAILED row")
+    p.add_argument("--bench", help=argparse.SUPPRESS)  # a child: this one bench, its rows to --rows-to
+    p.add_argument("--rows-to", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     device = torch.device("cpu") if args.dry_run or not torch.cuda.is_available() else torch.device("cuda", 0)
     if not args.dry_run and device.type != "cuda":
         raise SystemExit("no CUDA device: run with --dry-run on a CPU machine")
+    if args.bench:
+        import faulthandler
+
+        faulthandler.enable()  # a segfault (seen in CUDA compile) prints the Python stack to the parent
+        fn = dict(benches(args.dry_run, device, args.gpt_layers))[args.bench]
+        with open(args.rows_to, "w") as f:
+            json.dump(fn(), f)
+        return {}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (dry run)"
-    rows = run_suite(args.dry_run, device, args.gpt_layers)
-    result = {"device": name, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "rows": rows,
-              "summary": summary(rows)}
-    print(f"device: {name}, torch {torch.__version__}")
-    print(table(rows))
+    head = {"device": name, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__}
+
+    def write(rows):  # after every row: a run stopped by its time limit keeps the rows it finished
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({**head, "rows": rows, "summary": summary(rows)}, f, indent=2)
+
+    print(f"device: {name}, torch {torch.__version__}", flush=True)
+    # On the GPU each bench runs in a process of its own; the dry run stays in this one (seconds).
+    rows = run_suite(args.dry_run, device, args.gpt_layers, progress=write, isolate=device.type == "cuda",
+                     limit_s=args.bench_limit_s)
+    result = {**head, "rows": rows, "summary": summary(rows)}
+    print("\n" + table(rows))
     print("summary:", json.dumps(result["summary"]))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    write(rows)
     return result
 
 

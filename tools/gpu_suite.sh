@@ -10,5 +10,10 @@ PY=${PY:-.venv/bin/python}
 OUT=${OUT:-.}
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-$PY -m pytest -q -m gpu tests/distributed/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log"
-$PY tools/gpu_suite.py --json "$OUT/gpu_suite.json" 2>&1 | tee "$OUT/gpu_suite.log"
+# The benchmarks run even when a test fails or runs past TESTS_LIMIT_S; the exit status is the first
+# failure's. The benchmarks print each row as it ends and rewrite the JSON after it.
+status=0
+timeout "${TESTS_LIMIT_S:-900}" $PY -m pytest -q -rs -m gpu tests/distributed/test_gpu.py 2>&1 \
+    | tee "$OUT/gpu_tests.log" || status=$?
+$PY tools/gpu_suite.py --json "$OUT/gpu_suite.json" 2>&1 | tee "$OUT/gpu_suite.log" || { rc=$?; [ "$status" != 0 ] || status=$rc; }
+exit "$status"

@@ -16,12 +16,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _ds_accelerator() -> str:
+    """DeepSpeed's accelerator for the ranks a test starts: the one their device is (the GPU tests
+    run on CUDA; everything else on the CPU, where naming it skips DeepSpeed's probing)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def test_env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                             "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS")}
     env.update({"OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1",
                 "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions"),
-                "TAMING_DIST_CACHE": str(REPO / ".cache" / "taming_dist"), "DS_ACCELERATOR": "cpu"})
+                "TAMING_DIST_CACHE": str(REPO / ".cache" / "taming_dist"), "DS_ACCELERATOR": _ds_accelerator()})
     env.update(extra)
     return env
 

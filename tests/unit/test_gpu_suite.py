@@ -62,3 +62,15 @@ def test_gpu_suite_runs_a_bench_in_its_own_process_and_reports_its_crash(tmp_pat
     got = []
     suite._guarded(got, "no such bench", lambda: suite._in_child("no such bench", 2, 300, dry=True), lambda r: None)
     assert got[0]["bench"] == "no such bench" and got[0]["error"].startswith("RuntimeError: exit 1: KeyError")
+
+
+def test_gpu_wheels_pins_what_requirements_pin():
+    # tools/gpu_wheels.sh reads its versions from requirements.txt (`pin NAME`): each must be pinned there
+    import re
+    import subprocess
+
+    script = REPO / "tools" / "gpu_wheels.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    names = re.findall(r"\$\(pin ([\w-]+)\)", script.read_text())
+    pinned = {line.split("==")[0].lower() for line in (REPO / "requirements.txt").read_text().splitlines() if "==" in line}
+    assert {"deepspeed", "webdataset", "lpips"} <= set(names) and set(names) <= pinned, (names, pinned)

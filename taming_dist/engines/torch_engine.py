@@ -165,7 +165,6 @@ class TorchEngine(Engine):
         return sd
 
 
-@contextlib.contextmanager
 def fsdp_lazy_init(module) -> None:
     """Run FSDP2's lazy init of the root `module` now, while its parameters require gradients.
 
@@ -174,13 +173,14 @@ def fsdp_lazy_init(module) -> None:
     gradient at that moment. Up to torch 2.11 at least, a group with none of them gets neither, so a
     unit whose first forward is a frozen call (the discriminator, in the generator step) reduces in
     the compute dtype and then fails to assign bf16 / fp16 gradients to its fp32 shards: the first
-    CUDA run showed it (docs/platform-notes.md, "FSDP2's lazy init"); newer torch falls back to the
+    CUDA run showed it (docs/platform-notes.md, "The first CUDA run"); newer torch falls back to the
     frozen parameters' dtypes. Idempotent: the first forward then finds the root initialised."""
     get_state = getattr(module, "_get_fsdp_state", None)  # private, no public equivalent (2.11-2.14)
     if get_state is not None:
         get_state()._lazy_init()
 
 
+@contextlib.contextmanager
 def _fsdp_no_sync(module):
     """FSDP2's accumulation switch: no reduce-scatter until it is turned back on."""
     module.set_requires_gradient_sync(False)

@@ -129,7 +129,11 @@ def test_a_hung_rank_fails_the_others_after_the_collective_timeout(tmp_path):
     out = short[0].output()
     assert took is not None, f"rank 0 did not fail within 60 s of rank 1 hanging:\n{out[-3000:]}"
     assert short[0].p.returncode == 1, out[-3000:]
-    assert "rank 0: training failed, exiting now" in out and "imed out" in out, out[-3000:]
+    # gloo words the timeout two ways: "Timed out waiting ..." when the collective's wait expires, and
+    # "Application timeout caused pair closure" when the pair's own timeout closes the connection
+    # first (seen once in a fresh-clone run); both are this timeout, and the control below still holds
+    assert "rank 0: training failed, exiting now" in out, out[-3000:]
+    assert "imed out" in out or "Application timeout caused pair closure" in out, out[-3000:]
     assert default_still_waiting, \
         "with the 300 s timeout rank 0 must still be waiting 8 s on: otherwise the check above is vacuous"
     print(f"\nhung rank: rank 0 failed {took:.1f} s after rank 1 stopped (collective_timeout_s=5); "

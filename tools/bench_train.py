@@ -106,6 +106,11 @@ def main():
                 json.dump({"stage": args.stage, "precision": args.precision, "world_size": env.world_size,
                            "sizes": size, "rows": [{"engine": name, "step_s": dt, "rate": rate, **mem}
                                                    for name, dt, rate, mem in rows], "phases_s": phases}, f, indent=1)
+    if env.is_distributed:  # an orderly end: without it a rank aborted once at exit ("terminate called
+        import torch.distributed as dist  # without an active exception") after printing its table
+
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def print_phases(phases: dict[str, dict[str, float]], step_s: dict[str, float]) -> None:

@@ -140,10 +140,6 @@ def benches(dry: bool, device: torch.device, gpt_layers: int = 24) -> list[tuple
             train("vqgan bf16 compile channels_last", vq, res + [bf16, comp, cl], vq_micro)]
 
 
-def _in_process(fn) -> list[dict]:
-    return fn()
-
-
 def _in_child(name: str, gpt_layers: int, limit_s: float, dry: bool = False) -> list[dict]:
     """One bench in a fresh process (not a fork): a crash in CUDA or a compiler (a segfault) then costs
     that row alone, and each bench starts from an empty allocator and compile cache."""
@@ -185,7 +181,7 @@ def run_suite(dry: bool, device: torch.device, gpt_layers: int = 24, progress=la
     rows: list[dict] = []
     print(table([]), flush=True)
     for name, fn in benches(dry, device, gpt_layers):
-        run = (lambda n=name: _in_child(n, gpt_layers, limit_s, dry)) if isolate else (lambda f=fn: _in_process(f))
+        run = (lambda n=name: _in_child(n, gpt_layers, limit_s, dry)) if isolate else fn
         _guarded(rows, name, run, progress)
     return rows
 

@@ -10,10 +10,16 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.slow
 
 
-def test_gpu_suite_dry_run_prints_every_row(tmp_path, capsys):
+def _load_suite():
+    """tools/gpu_suite.py as a module (tools/ is no package)."""
     spec = importlib.util.spec_from_file_location("gpu_suite", REPO / "tools" / "gpu_suite.py")
     suite = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(suite)
+    return suite
+
+
+def test_gpu_suite_dry_run_prints_every_row(tmp_path, capsys):
+    suite = _load_suite()
     result = suite.main(["--dry-run", "--json", str(tmp_path / "s.json")])
     benches = [r["bench"] for r in result["rows"]]
     # the rows the targets need first: a run cut short by its time limit keeps those
@@ -30,9 +36,7 @@ def test_gpu_suite_dry_run_prints_every_row(tmp_path, capsys):
 
 
 def test_gpu_suite_reports_a_failed_bench_and_runs_the_others(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("gpu_suite", REPO / "tools" / "gpu_suite.py")
-    suite = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(suite)
+    suite = _load_suite()
     real = suite.train_row
 
     def flaky(name, *a, **kw):
@@ -53,9 +57,7 @@ def test_gpu_suite_reports_a_failed_bench_and_runs_the_others(tmp_path, monkeypa
 def test_gpu_suite_runs_a_bench_in_its_own_process_and_reports_its_crash(tmp_path, monkeypatch):
     # on the GPU each bench runs in a child process, so a segfault (seen in the first CUDA run) costs
     # one row; here the child runs the dry-run decode bench, and a child that dies is a FAILED row
-    spec = importlib.util.spec_from_file_location("gpu_suite", REPO / "tools" / "gpu_suite.py")
-    suite = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(suite)
+    suite = _load_suite()
     monkeypatch.setenv("PYTHONPATH", str(REPO))
     rows = suite._in_child("decode", 2, 300, dry=True)
     assert [r["bench"] for r in rows] == ["decode b1", "decode b2"] and all(r["rate"] > 0 for r in rows)

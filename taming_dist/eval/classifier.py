@@ -25,7 +25,7 @@ from taming_dist.atomic import atomic_path
 from taming_dist.data.synthetic import CLASS_NAMES, SPLIT_SEEDS, cache_root, generate
 from taming_dist.eval.metrics import FeatureStats, fid_from_stats
 
-VERSION = "v3"  # bump when the network, its training or its data change (a new cache file)
+VERSION = "v4"  # v4: trained on data v4; bump when the network, its training or its data change (a new cache file)
 SIZE = 32  # the classifier's input side; samples of other sizes are resized to it
 SAMPLES = 4096  # images per split it is trained on / compared with
 TRAIN_STEPS = 400

@@ -40,7 +40,7 @@ def test_classes_are_distinguishable():
 def test_ensure_synthetic_writes_shards_once(tmp_path):
     cfg = DataConfig(size=32, synthetic_samples=240, synthetic_classes=12)
     folder = ensure_synthetic(cfg, cache_dir=str(tmp_path))
-    assert os.path.basename(folder) == "synthetic-32-240-12-v3"
+    assert os.path.basename(folder) == "synthetic-32-240-12-v4"
     m = read_manifest(folder)
     assert m["total"] == 240 and m["class_names"] == list(CLASS_NAMES) and m["class_counts"] == [20] * 12
     assert verify_shards(folder).ok
@@ -70,7 +70,7 @@ def test_concurrent_first_use(tmp_path):
         folders = pool.map(_call, [str(tmp_path)] * 3)
     assert len(set(folders)) == 1
     assert read_manifest(folders[0])["total"] == 600
-    assert sorted(os.listdir(tmp_path)) == ["synthetic-16-600-12-v3"]
+    assert sorted(os.listdir(tmp_path)) == ["synthetic-16-600-12-v4"]
 
 
 def test_losing_the_race_uses_the_winners_folder(tmp_path, monkeypatch):
@@ -89,7 +89,7 @@ def test_losing_the_race_uses_the_winners_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(syn, "_write", write_while_another_process_finishes_first)
     folder = syn.ensure_synthetic(cfg, cache_dir=str(tmp_path))
     assert os.path.exists(os.path.join(folder, "winner"))
-    assert os.listdir(tmp_path) == ["synthetic-16-24-4-v3"]
+    assert os.listdir(tmp_path) == ["synthetic-16-24-4-v4"]
 
 
 def test_captions_name_the_class_and_the_palette_colours_of_every_image(tmp_path):

@@ -10,8 +10,30 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default range is 32768-60999
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A free TCP port below the kernel's ephemeral range. A port from bind(0) is ephemeral, and an
+    outgoing connection of another job (a rank reaching its own store) could take it before this
+    job's rank 0 listens on it: a fresh-clone run failed once with EADDRINUSE that way."""
+    import random
+
+    low, rng = _ephemeral_low(), random.SystemRandom()  # not the global state a test may have seeded
+    for _ in range(200):
+        port = rng.randrange(10000, max(10001, low))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # nothing free below the range: an ephemeral port as before
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 

@@ -148,3 +148,17 @@ def test_train_checks_the_master_before_the_rendezvous(tmp_path):
     assert p.returncode != 0 and time.monotonic() - t0 < 60
     assert "nosuchmaster.invalid:29999 (host from MASTER_ADDR" in p.stderr and "does not resolve" in p.stderr, p.stderr[-3000:]
     assert "taming-dist train: error: master" in p.stderr and "Traceback" not in p.stderr, p.stderr[-3000:]
+
+
+def test_the_tests_free_port_is_below_the_ephemeral_range():
+    """Multi-process tests take their rendezvous port from tests/distributed/util.free_port: below
+    the kernel's ephemeral range, so another job's outgoing connection cannot hold it (EADDRINUSE
+    was seen once with a port from bind(0))."""
+    import socket
+
+    from tests.distributed.util import _ephemeral_low, free_port
+
+    ports = {free_port() for _ in range(20)}
+    assert len(ports) > 1 and all(10000 <= p < _ephemeral_low() for p in ports), ports
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", ports.pop()))  # free indeed

@@ -109,7 +109,7 @@ def _gradient(u, v, rng, s):
 
 
 def _rings(u, v, rng, s):
-    # a foreground disk at the centre, then rings
+    # the background colour at the centre, then rings of the foreground from half a period out
     cx, cy = rng.uniform(0.4, 0.6, 2)
     period = rng.uniform(0.26, 0.32)
     return _wave(2 * np.pi * np.hypot(u - cx, v - cy) / period - np.pi / 2)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -22,8 +23,6 @@ def free_port() -> int:
     """A free TCP port below the kernel's ephemeral range. A port from bind(0) is ephemeral, and an
     outgoing connection of another job (a rank reaching its own store) could take it before this
     job's rank 0 listens on it: a fresh-clone run failed once with EADDRINUSE that way."""
-    import random
-
     low, rng = _ephemeral_low(), random.SystemRandom()  # not the global state a test may have seeded
     for _ in range(200):
         port = rng.randrange(10000, max(10001, low))

@@ -1,8 +1,9 @@
 """DeepSpeed ZeRO-1/2/3: one DeepSpeedEngine per unit (the VQGAN stage has two).
 
-Our config generates DeepSpeed's: a torch AdamW is passed in (no fused op is JIT-compiled on CPU),
-gradient accumulation is driven by `set_gradient_accumulation_boundary`, so the loop calls
-`step` once per optimizer step like on every other engine, and clipping is DeepSpeed's own.
+Our config generates DeepSpeed's: on CPU a torch AdamW is passed in (its fused kernel ships with
+torch; no DeepSpeed op is JIT-compiled), gradient accumulation is driven by
+`set_gradient_accumulation_boundary`, so the loop calls `step` once per optimizer step like on every
+other engine, and clipping is DeepSpeed's own.
 """
 from __future__ import annotations
 
@@ -187,7 +188,7 @@ class DeepSpeedEngine(Engine):
         """ZeRO-Offload steps the optimizer on the CPU with DeepSpeedCPUAdam (DeepSpeed refuses
         another optimizer there); its C++ op is JIT-built once into TORCH_EXTENSIONS_DIR (the
         Makefile points it at .cache/). On CUDA without offload, DeepSpeed's FusedAdam; else (CPU)
-        the plain torch AdamW, which needs no op at all."""
+        torch's fused AdamW (engines/base.py: build_optimizer), which needs no DeepSpeed op at all."""
         groups = param_groups(module, optim.weight_decay)
         kw = dict(lr=lr, betas=tuple(optim.betas), eps=optim.eps)
         if self.cfg.offload_optimizer == "cpu":

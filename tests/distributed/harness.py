@@ -80,10 +80,25 @@ def global_batch(stage: str, step: int, cfg) -> dict:
     return batch
 
 
+_FUSED_ADAMW_CALLS = [0]
+
+
+def _counting(kernel):
+    def counted(*args, **kwargs):
+        _FUSED_ADAMW_CALLS[0] += 1
+        return kernel(*args, **kwargs)
+    return counted
+
+
+# torch.optim's AdamW looks its fused kernel up on `torch` at every step, so this counts each call
+torch._fused_adamw_ = _counting(torch._fused_adamw_)
+
+
 class Probes:
     """What the switches must change, observed in the step: block forwards (activation
     checkpointing recomputes each block in backward), the memory format of every conv input and
-    weight (channels_last), and dynamo's compiled graphs (compile)."""
+    weight (channels_last), dynamo's compiled graphs (compile) and the calls of torch's fused AdamW
+    kernel (engines/base.py: build_optimizer)."""
 
     def __init__(self, units):
         from torch._dynamo.utils import counters
@@ -92,6 +107,7 @@ class Probes:
         # otherwise serve this one, and the count would say nothing about this engine.
         torch._dynamo.reset()
         self.graphs_before = int(counters["stats"]["unique_graphs"])
+        self.fused_adamw_before = _FUSED_ADAMW_CALLS[0]
         self.block_forwards = 0
         self.conv_inputs = [0, 0]  # [channels_last, total]
         self.conv_weights = [0, 0]
@@ -139,7 +155,8 @@ class Probes:
         from torch._dynamo.utils import counters
 
         return {"block_forwards": self.block_forwards, "conv_inputs": self.conv_inputs,
-                "conv_weights": self.conv_weights, "graphs": int(counters["stats"]["unique_graphs"]) - self.graphs_before}
+                "conv_weights": self.conv_weights, "graphs": int(counters["stats"]["unique_graphs"]) - self.graphs_before,
+                "fused_adamw_calls": _FUSED_ADAMW_CALLS[0] - self.fused_adamw_before}
 
 
 def _parse(spec: str, world_size: int):

@@ -234,10 +234,26 @@ def test_cuda_math_switches(monkeypatch):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved
 
 
-def test_adamw_is_fused_only_on_cuda():
+def _fused_adamw_calls(monkeypatch) -> list:
+    """Count the calls of torch's fused AdamW kernel (torch.optim looks it up on `torch` per step)."""
+    calls, real = [], torch._fused_adamw_
+    monkeypatch.setattr(torch, "_fused_adamw_", lambda *a, **k: (calls.append(len(a[0])), real(*a, **k))[1])
+    return calls
+
+
+def test_adamw_steps_with_the_fused_kernel_on_cpu(monkeypatch):
+    """build_optimizer's AdamW updates every tensor in one fused call, on CPU too (engines/base.py);
+    the per-tensor loop torch picks on CPU by default makes no such call (the probe can fail)."""
     from taming_dist.engines.base import build_optimizer
 
-    m = nn.Linear(4, 4)
-    assert not build_optimizer(m, OptimConfig(), 1e-3).defaults["fused"]
+    calls = _fused_adamw_calls(monkeypatch)
+    m = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))  # two parameter groups (decay, no decay)
+    m(torch.randn(2, 4)).sum().backward()
+    opt = build_optimizer(m, OptimConfig(weight_decay=0.1), 1e-3)
+    assert opt.defaults["fused"]
+    opt.step()
+    assert calls == [1, 3]  # one call per group: the Linear weight; its bias and the norm's 2 tensors
+    torch.optim.AdamW(m.parameters(), lr=1e-3).step()
+    assert calls == [1, 3]
     if torch.cuda.is_available():
         assert build_optimizer(m.cuda(), OptimConfig(), 1e-3).defaults["fused"]

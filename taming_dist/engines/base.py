@@ -87,11 +87,23 @@ def build_optimizer(module: nn.Module, cfg: OptimConfig, lr: float) -> torch.opt
     CUDA and on CPU alike. On CPU torch would otherwise pick the per-tensor loop, a dozen ops per
     tensor; on FSDP2's sharded parameters each of them is a DTensor dispatch, and that loop took 46 of
     the 186 ms of a vqgan-tiny step on 2 CPU ranks (fused: 7 of 135 ms; the transformer-text-tiny
-    step 70 -> 53 ms; README, "Engines"). The kernel ships with torch (nothing is compiled), and the
+    step 70 -> 53 ms; README, "Engine settings for scale"). The kernel ships with torch (nothing is compiled), and the
     engines' equivalence tests hold every engine, DeepSpeed's ZeRO partitions included, to one
     process with it."""
     return torch.optim.AdamW(param_groups(module, cfg.weight_decay), lr=lr, betas=tuple(cfg.betas), eps=cfg.eps,
                              fused=True)
+
+
+def keep_kernel_choice(optimizer: torch.optim.Optimizer) -> None:
+    """After loading optimizer state: a checkpoint's parameter groups carry the kernel flags of the
+    optimizer that wrote them (`fused`, `foreach`), and torch's load puts them back, so a checkpoint
+    written before AdamW was fused on CPU would silently bring the per-tensor loop back. The kernel
+    is this run's choice (build_optimizer), not state; DeepSpeed's FusedAdam and DeepSpeedCPUAdam
+    have no such flags."""
+    for group in optimizer.param_groups:
+        for key in ("fused", "foreach"):
+            if key in optimizer.defaults:
+                group[key] = optimizer.defaults[key]
 
 
 class Engine:

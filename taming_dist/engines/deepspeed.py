@@ -16,7 +16,8 @@ import warnings
 import torch
 
 from taming_dist.engines.base import (
-    _BYTES, Engine, Unit, _strip, build_optimizer, load_schedule_state, param_groups, schedule_state,
+    _BYTES, Engine, Unit, _strip, build_optimizer, keep_kernel_choice, load_schedule_state, param_groups,
+    schedule_state,
 )
 from taming_dist.engines.dist import ensure_process_group
 from taming_dist.engines.parallelize import apply_ac
@@ -291,6 +292,7 @@ class DeepSpeedEngine(Engine):
                                                     load_lr_scheduler_states=False)
             if load_path is None:
                 raise ValueError(f"DeepSpeed found no checkpoint for unit {name!r} under {path}/deepspeed")
+            keep_kernel_choice(getattr(u.optimizer, "optimizer", u.optimizer))  # the torch AdamW inside ZeRO's wrapper
 
     def check_resumable(self, manifest, path):
         if manifest["engine"] != self.kind:

@@ -18,7 +18,8 @@ import math
 import torch
 
 from taming_dist.engines.base import (
-    _BYTES, Engine, Unit, _strip, build_optimizer, load_schedule_state, local_tensor, schedule_state,
+    _BYTES, Engine, Unit, _strip, build_optimizer, keep_kernel_choice, load_schedule_state, local_tensor,
+    schedule_state,
 )
 from taming_dist.engines.dist import ensure_process_group
 from taming_dist.engines.parallelize import data_parallel_mesh, parallelize
@@ -140,6 +141,7 @@ class TorchEngine(Engine):
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
         set_state_dict(unit.raw, unit.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        keep_kernel_choice(unit.optimizer)
         load_schedule_state(unit, state["schedule"])
         for k, v in state.get("ema", {}).items():
             if v is not unit.ema[k]:

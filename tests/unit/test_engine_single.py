@@ -162,6 +162,19 @@ def test_accumulate_divides_and_matches_one_batch():
         torch.testing.assert_close(a, p.grad)
 
 
+def test_loading_an_unfused_optimizer_state_keeps_the_fused_kernel():
+    """A checkpoint written before AdamW was fused on CPU holds fused=None in its parameter groups;
+    loading it must not bring the per-tensor loop back (engines/base.py: keep_kernel_choice)."""
+    e = _engine()
+    u = _unit(e)
+    _train(e, u, 1)
+    state = e.unit_state_dict(u)
+    for group in state["optim"]["param_groups"]:
+        group["fused"] = None
+    e.load_unit_state_dict(u, state)
+    assert [g["fused"] for g in u.optimizer.param_groups] == [True, True]
+
+
 def test_one_checkpoint_folder_of_stateful_parts(tmp_path):
     import json
 

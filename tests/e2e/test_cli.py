@@ -100,7 +100,8 @@ def test_demo_pipeline_sample_and_reconstruct(tmp_path):
     again = json.loads((out / "report.json").read_text())["timing"]
     assert {k: again["stage_s"][k] for k in ("vqgan", "codes", "transformer")} == {
         k: first[k] for k in ("vqgan", "codes", "transformer")}
-    assert again["train_and_extract_s"] >= first["vqgan"] + first["codes"] + first["transformer"]
+    # the report rounds to 0.1 s, and 11.3 + 12.8 + 9.8 is 33.900000000000006 in floating point
+    assert again["train_and_extract_s"] >= round(first["vqgan"] + first["codes"] + first["transformer"], 1)
     assert (out / "vqgan" / "model" / "model.safetensors").read_bytes() == before
     # the README's command: the text encoder is found from the model folder, no --text-encoder
     p = cli("sample", str(out / "transformer" / "model"), "--prompt", "a yellow triangle on a purple background",

@@ -80,11 +80,14 @@ class VQGANLoss(nn.Module):
 
     def reconstruction_loss(self, x: torch.Tensor, xrec: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """x, xrec (B, C, H, W) in [-1, 1] -> nll = mean(pixel_weight * |x - xrec| +
-        perceptual_weight * LPIPS(x, xrec)), as a scalar fp32 tensor, and logs."""
+        perceptual_weight * LPIPS(x, xrec)), as a scalar fp32 tensor, and logs. With
+        pixel_loss=l2 the pixel term is (x - xrec)^2. Both errors are logged (l1, mse)."""
         x32, r32 = _wide(x), _wide(xrec)
-        l1 = (x32 - r32).abs()
-        rec = self.cfg.pixel_weight * l1
-        logs = {"l1": l1.mean().detach()}
+        diff = x32 - r32
+        l1 = diff.abs()
+        sq = diff.square()
+        rec = self.cfg.pixel_weight * (sq if self.cfg.pixel_loss == "l2" else l1)
+        logs = {"l1": l1.mean().detach(), "mse": sq.mean().detach()}
         if self.perceptual_loss is not None:
             p = _wide(self.perceptual_loss(x32.contiguous(), r32.contiguous()))  # (B, 1, 1, 1)
             rec = rec + self.cfg.perceptual_weight * p

@@ -56,12 +56,20 @@ def test_demo_pipeline_sample_and_reconstruct(tmp_path):
     assert samples["fd"] > samples["fd_real"] >= 0  # 12 steps: far from real images
     assert 0 <= rec["class_accuracy"] <= 1 and rec["class_accuracy_images"] == 240
     assert report["targets"]["psnr"] == 26.0 and report["timing"]["ranks"] == 2
-    # the demo's own settings are on: guided sampling, and k-means init of the codebook (its done flag)
-    assert samples["sampling"] == {"top_k": 32, "cfg_scale": 3.0} and "cfg_scale 3.0" in p.stdout
+    # the demo's own settings are on: guided sampling, k-means init of the codebook (its done flag),
+    # the squared-error pixel loss (its logged mse is the training term) and the 2 x 256 transformer
+    assert samples["sampling"] == {"top_k": 16, "cfg_scale": 1.5} and "cfg_scale 1.5" in p.stdout
     assert "kmeans_init=true" in p.stdout and "dead_code_threshold=0.3" in p.stdout
     import yaml
-    quantizer = yaml.safe_load((out / "vqgan" / "config.yaml").read_text())["vqgan"]["quantizer"]
+    vq_cfg = yaml.safe_load((out / "vqgan" / "config.yaml").read_text())
+    quantizer = vq_cfg["vqgan"]["quantizer"]
     assert quantizer["kmeans_init"] is True and quantizer["dead_code_threshold"] == 0.3
+    assert vq_cfg["loss"]["pixel_loss"] == "l2"
+    vq_rows = [json.loads(line) for line in (out / "vqgan" / "log.txt").read_text().splitlines()
+               if line.startswith('{"step"')]
+    assert vq_rows[-1]["nll"] == pytest.approx(vq_rows[-1]["mse"], rel=1e-5) != vq_rows[-1]["l1"]
+    gpt = yaml.safe_load((out / "transformer" / "config.yaml").read_text())["transformer"]["gpt"]
+    assert (gpt["n_layer"], gpt["n_embd"]) == (2, 256)
     with Image.open(out / "overview.png") as overview:
         height = overview.size[1]
     assert height >= 2 * 2 * 32 + 10 * 2 * 32  # originals, reconstructions, 10 rows of 3 prompts, 2x

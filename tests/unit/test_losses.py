@@ -59,6 +59,27 @@ def test_no_lpips_when_its_weight_is_zero():
     assert float(nll) == 0.5 and "lpips" not in logs
 
 
+def test_l2_pixel_loss_is_the_squared_error_and_its_gradient_is_linear():
+    torch.manual_seed(2)
+    x, r = torch.rand(2, 3, 8, 8) * 2 - 1, (torch.rand(2, 3, 8, 8) * 2 - 1).requires_grad_()
+    l1, l2 = _loss(pixel_weight=2.0), _loss(pixel_weight=2.0, pixel_loss="l2")
+    nll1, logs1 = l1.reconstruction_loss(x, r)
+    nll2, logs2 = l2.reconstruction_loss(x, r)
+    torch.testing.assert_close(nll1, 2.0 * (x - r).abs().mean())
+    torch.testing.assert_close(nll2, 2.0 * (x - r).square().mean())
+    for logs in (logs1, logs2):  # both errors are logged whichever one trains
+        assert float(logs["l1"]) == pytest.approx(float((x - r).abs().mean()), rel=1e-6)
+        assert float(logs["mse"]) == pytest.approx(float((x - r).square().mean()), rel=1e-6)
+    # the switch is on: l2's gradient is proportional to the error, l1's is its sign
+    (g2,) = torch.autograd.grad(nll2, r)
+    (g1,) = torch.autograd.grad(nll1, r)
+    n = r.numel()
+    torch.testing.assert_close(g2, 2.0 * 2 * (r - x).detach() / n)
+    torch.testing.assert_close(g1, 2.0 * torch.sign(r - x).detach() / n)
+    with pytest.raises(ValueError, match="pixel_loss 'l3' is not one of l1"):
+        _loss(pixel_loss="l3")
+
+
 def test_generator_adversarial_terms():
     fake = torch.tensor([-0.5, 1.0, 2.5])
     assert float(_loss(disc_loss="hinge").generator_adv_loss(fake)) == pytest.approx(-1.0)
@@ -91,7 +112,7 @@ def test_generator_objective_sums_the_terms():
     loss = _loss(codebook_weight=0.5, disc_factor=0.8, adaptive_weight=False, disc_weight=0.25)
     obj = _objective(loss, 1.5, torch.tensor([2.0, 4.0]), 3.0, step=0)
     assert float(obj.loss) == pytest.approx(1.5 + 0.25 * 0.8 * 3.0 + 0.5 * 3.0)
-    assert {k: round(float(v), 6) for k, v in obj.logs.items() if k != "l1"} == {
+    assert {k: round(float(v), 6) for k, v in obj.logs.items() if k not in ("l1", "mse")} == {
         "loss": round(float(obj.loss), 6), "nll": 1.5, "quant_loss": 3.0, "g_loss": 3.0, "d_weight": 0.25,
         "disc_factor": 0.8}
     assert all(not v.requires_grad for v in obj.logs.values())

@@ -69,7 +69,8 @@ def test_demo_pipeline_sample_and_reconstruct(tmp_path):
                if line.startswith('{"step"')]
     assert vq_rows[-1]["nll"] == pytest.approx(vq_rows[-1]["mse"], rel=1e-5) != vq_rows[-1]["l1"]
     gpt = yaml.safe_load((out / "transformer" / "config.yaml").read_text())["transformer"]["gpt"]
-    assert (gpt["n_layer"], gpt["n_embd"]) == (2, 256)
+    assert (gpt["n_layer"], gpt["n_embd"], gpt["context_dim"]) == (2, 256, 128)
+    assert json.loads((out / "text-encoder" / "config.json").read_text())["d_model"] == 128
     with Image.open(out / "overview.png") as overview:
         height = overview.size[1]
     assert height >= 2 * 2 * 32 + 10 * 2 * 32  # originals, reconstructions, 10 rows of 3 prompts, 2x

@@ -86,7 +86,7 @@ class VQGANLoss(nn.Module):
         diff = x32 - r32
         l1 = diff.abs()
         sq = diff.square()
-        rec = self.cfg.pixel_weight * (sq if self.cfg.pixel_loss == "l2" else l1)
+        rec = self.cfg.pixel_weight * (l1 if self.cfg.pixel_loss == "l1" else sq)
         logs = {"l1": l1.mean().detach(), "mse": sq.mean().detach()}
         if self.perceptual_loss is not None:
             p = _wide(self.perceptual_loss(x32.contiguous(), r32.contiguous()))  # (B, 1, 1, 1)

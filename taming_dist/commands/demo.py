@@ -38,7 +38,7 @@ SAMPLING = {"top_k": 16, "cfg_scale": 1.5}
 TRANSFORMER_OVERRIDES = ["transformer.gpt.n_embd=256", "transformer.gpt.n_layer=2",
                          f"transformer.gpt.context_dim={TEXT_WIDTH}"]
 # The steps, paid for by the fused AdamW on CPU (engines/base.py: build_optimizer; a VQGAN step 0.31 ->
-# 0.22 s, a transformer step 0.22 -> 0.15 s on 2 CPU ranks). vqgan-tiny's 600 raised to 800: its
+# 0.22 s, a step of the 4 x 128 transformer 0.22 -> 0.15 s on 2 CPU ranks). vqgan-tiny's 600 raised to 800: its
 # PSNR is still rising at 600 (at 2e-3, one run: 15.0 dB at 600 steps, 17.1 at 800).
 # transformer-text-tiny's 400 raised to 1200: on data v4, 700 -> 1100 steps took the samples of their
 # prompt's shape from 15.4% to 27.7%; 1400 steps after 600 VQGAN steps left no margin for the 800.
@@ -51,7 +51,8 @@ GPU_STEP_FACTOR = 8
 
 def add_arguments(parser) -> None:
     parser.add_argument("--out", default="runs/demo", help="folder for both runs, the text encoder and the report")
-    parser.add_argument("--vqgan-steps", type=int, default=None, help=f"override the VQGAN's steps (default {VQGAN_STEPS})")
+    parser.add_argument("--vqgan-steps", type=int, default=None,
+                        help=f"override the VQGAN's steps (default {VQGAN_STEPS})")
     parser.add_argument("--transformer-steps", type=int, default=None,
                         help=f"override the transformer's steps (default {TRANSFORMER_STEPS})")
     parser.add_argument("--per-prompt", type=int, default=16,
@@ -174,7 +175,8 @@ def run(args) -> int:
     # --prompt ...` finds it without --text-encoder.
     stage("transformer", vq_done and _trained(out / "transformer", tr_steps),
           f"already trained to step {tr_steps}: {out / 'transformer'} (delete it to train again)",
-          "train", "transformer-text-tiny", *TRANSFORMER_OVERRIDES, *common, "name=transformer", f"train.steps={tr_steps}",
+          "train", "transformer-text-tiny", *TRANSFORMER_OVERRIDES, *common, "name=transformer",
+          f"train.steps={tr_steps}",
           f"data.path={codes}", f"first_stage_ckpt={out / 'vqgan' / 'model'}",
           f"transformer.condition.text_encoder={encoder_dir.resolve()}")
     # None (no wall-time row) when a skipped stage's time is unknown: its report is gone

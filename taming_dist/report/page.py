@@ -23,7 +23,8 @@ from .svg import line_chart
 
 # (section, which keys, line colour); a key goes to the first group that takes it.
 GROUPS = [
-    ("Losses", lambda k: "loss" in k or k in ("nll", "l1", "mse", "logits_real", "logits_fake", "d_weight", "disc_factor"),
+    ("Losses", lambda k: "loss" in k or k in ("nll", "l1", "mse", "logits_real", "logits_fake", "d_weight",
+                                              "disc_factor"),
      "#d62728"),
     ("Codebook", lambda k: k in ("usage", "perplexity") or "codebook" in k, "#2ca02c"),
     ("Optimisation", lambda k: k.startswith("lr") or "grad_norm" in k or "skipped" in k, "#9467bd"),

@@ -77,5 +77,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def program() -> None:
+    """The `taming-dist` executable and `python -m taming_dist`: main(), then exit_process, which
+    leaves a process that holds a process group without interpreter shutdown (where a gloo thread
+    can abort a rank that finished; taming_dist/engines/dist.py). main() is for calls in-process."""
+    code = main()
+    from taming_dist.engines.dist import exit_process
+
+    exit_process(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    program()

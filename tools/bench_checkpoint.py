@@ -69,7 +69,7 @@ def worker(args) -> None:
     from taming_dist.checkpoint.manager import CheckpointManager
     from taming_dist.checkpoint.state import TrainState, training_state
     from taming_dist.config import EngineConfig, GPTConfig, OptimConfig
-    from taming_dist.engines import build_engine, env_from_environ, init_distributed, lr_lambda_for
+    from taming_dist.engines import build_engine, env_from_environ, exit_process, init_distributed, lr_lambda_for
     from taming_dist.models.gpt import GPT
 
     env = env_from_environ()
@@ -135,11 +135,7 @@ def worker(args) -> None:
                         "first_save_call_s": calls[0], "first_stall_s": stalls[0], "stalls_s": stalls})
     if env.rank == 0:
         Path(args.worker).write_text(json.dumps(results))
-    if env.is_distributed:
-        import torch.distributed as dist
-
-        dist.barrier()
-        dist.destroy_process_group()
+    exit_process(0)  # not interpreter shutdown, where a gloo thread can abort a finished rank
 
 
 def free_port() -> int:

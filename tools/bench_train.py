@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "distr
 
 from harness import GLOBAL_BATCH, global_batch, make_cfg  # noqa: E402
 
-from taming_dist.engines import build_engine, env_from_environ, init_distributed  # noqa: E402
+from taming_dist.engines import build_engine, env_from_environ, exit_process, init_distributed  # noqa: E402
 from taming_dist.profiling import PhaseTimer  # noqa: E402
 from taming_dist.train.loop import build_task, grad_accum_steps  # noqa: E402
 
@@ -106,11 +106,7 @@ def main():
                 json.dump({"stage": args.stage, "precision": args.precision, "world_size": env.world_size,
                            "sizes": size, "rows": [{"engine": name, "step_s": dt, "rate": rate, **mem}
                                                    for name, dt, rate, mem in rows], "phases_s": phases}, f, indent=1)
-    if env.is_distributed:  # an orderly end: without it a rank aborted once at exit ("terminate called
-        import torch.distributed as dist  # without an active exception") after printing its table
-
-        dist.barrier()
-        dist.destroy_process_group()
+    exit_process(0)  # not interpreter shutdown, where a gloo thread can abort a finished rank
 
 
 def print_phases(phases: dict[str, dict[str, float]], step_s: dict[str, float]) -> None:

@@ -112,8 +112,4 @@ def run(args) -> int:
         for note in notes:
             print0(f"note: {note}")
         print0(f"report: {args.out}")
-    if env.is_distributed:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
-    return 0
+    return 0  # the process group ends with the process (cli.program)

@@ -125,11 +125,7 @@ def _at_scale(args, folder) -> int:
                               cfg_scale=args.cfg_scale)
     print(f"rank {env.rank}: drew {result['written']} samples")
     print0(f"wrote {args.num_samples} samples to {result['output']}")
-    if env.is_distributed:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
-    return 0
+    return 0  # the process group ends with the process (cli.program)
 
 
 def run(args) -> int:

@@ -6,7 +6,7 @@ engine.kind single / ddp / fsdp, deepspeed.py wraps ZeRO-1/2/3. The functions be
 the rest of the package asks about an engine *kind* without building one.
 """
 from taming_dist.engines.base import Engine, Unit, lr_lambda_for
-from taming_dist.engines.dist import DistEnv, env_from_environ, init_distributed
+from taming_dist.engines.dist import DistEnv, env_from_environ, exit_process, init_distributed
 
 KINDS = ("single", "ddp", "fsdp", "deepspeed")
 
@@ -92,5 +92,5 @@ def param_count(module) -> int:
 
 
 __all__ = ["DistEnv", "Engine", "KINDS", "PLANNED_LAYOUTS", "Unit", "build_engine", "consolidate", "consolidate_v1",
-           "engine_class", "env_from_environ", "init_distributed", "layout_name", "lr_lambda_for", "param_count",
-           "planned_bytes", "planned_weights"]
+           "engine_class", "env_from_environ", "exit_process", "init_distributed", "layout_name", "lr_lambda_for",
+           "param_count", "planned_bytes", "planned_weights"]

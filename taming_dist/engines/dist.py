@@ -10,8 +10,10 @@ from __future__ import annotations
 import datetime
 import os
 import re
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 
@@ -227,3 +229,47 @@ def ensure_process_group(device: torch.device) -> None:
         port = s.getsockname()[1]
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                             init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+
+
+def exit_process(code: int = 0) -> NoReturn:
+    """End this process with status `code`; with a process group, without interpreter shutdown.
+
+    gloo's worker threads let go of a finished collective (and the tensors it holds, each with a
+    reference to its Python object) after the rank that waited on it has moved on. When that
+    happens once interpreter shutdown has begun, the thread cannot take the GIL and the process
+    aborts ("terminate called without an active exception", SIGABRT), so a rank that finished its
+    work reads as failed to torchrun or srun (docs/platform-notes.md, "Processes": 2-3 of 8
+    two-rank runs of tools/bench_train.py on a loaded 2-core machine). destroy_process_group does
+    not prevent it: FSDP2's meshes and DeepSpeed keep the groups, and their threads, alive.
+
+    So a rank with a process group meets the others at a barrier when it succeeded (none leaves
+    while a peer may still talk to it), finishes wandb, flushes its logs and output, and leaves with
+    os._exit. Every file the run writes is closed by then (checkpoints, logs, exports). Without a
+    process group this is sys.exit(code)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        sys.exit(code)
+    if code == 0 and dist.get_world_size() > 1:
+        dist.barrier()
+    leave_now(code)
+
+
+def leave_now(code: int) -> NoReturn:
+    """os._exit(code) after what interpreter shutdown would have done that matters here: wandb's
+    teardown (its service process), logging's handlers, stdout and stderr."""
+    import logging
+
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and hasattr(wandb, "teardown"):
+        try:
+            wandb.teardown(code)
+        except Exception as e:  # leaving regardless: say why wandb may not have synced
+            print(f"wandb teardown failed: {e!r}", file=sys.stderr)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)

@@ -21,6 +21,7 @@ How a stop travels:
 """
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import sys
@@ -101,19 +102,33 @@ class TrainJob:
         # A requeued run continues from its own latest checkpoint, not from the starting point given.
         resume = "auto" if int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0 else self.resume
         result = train(load_config(self.config, self.overrides), resume=resume)
-        _destroy_process_group()
+        from taming_dist.engines.dist import exit_process
+
         if "stopped_at" in result:
-            # SystemExit passes through submitit's `except Exception`: no result is written for this
-            # run, so the submitter keeps waiting for the requeued one (the teardown requeues it).
-            sys.exit(EXIT_STOPPED)
+            # No result is written for this run, so the submitter keeps waiting for the requeued one
+            # (the teardown requeues it); exit_process skips interpreter shutdown, where a gloo
+            # thread can abort a rank (taming_dist/engines/dist.py).
+            exit_process(EXIT_STOPPED)
+        # submitit writes this task's result after we return; then the process would end through
+        # interpreter shutdown. Once that result says success, it leaves as exit_process does.
+        atexit.register(_leave_after_success, job_env.paths.result_pickle)
         return result
 
 
-def _destroy_process_group() -> None:
-    import torch.distributed as dist
+def _leave_after_success(result_pickle) -> None:
+    """atexit: status 0 without interpreter shutdown when submitit recorded a success for this task;
+    anything else (no result, an error submitit caught) ends the usual way, with its status."""
+    import pickle
 
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    try:
+        with open(result_pickle, "rb") as f:
+            outcome = pickle.load(f)[0]
+    except Exception:
+        return
+    if outcome == "success":
+        from taming_dist.engines.dist import leave_now
+
+        leave_now(0)
 
 
 def submit(config: str, overrides: list[str] | tuple = (), *, nodes: int = 1, gpus_per_node: int = 0,

@@ -20,7 +20,7 @@ from taming_dist.checkpoint.manager import CheckpointManager
 from taming_dist.checkpoint.state import TrainState, training_state
 from taming_dist.config import load_config
 from taming_dist.data.stream import build_stream
-from taming_dist.engines import build_engine, env_from_environ, init_distributed
+from taming_dist.engines import build_engine, env_from_environ, exit_process, init_distributed
 from taming_dist.train.loop import build_task, grad_accum_steps
 from tests.distributed.harness import GLOBAL_BATCH, global_batch, make_cfg
 
@@ -83,9 +83,7 @@ def main():
     record["loss_step3"] = float(task.train_step(step_batches(2, cfg, env), 2)["loss"])
     name = "expected" if mode == "save" else "got"
     (out / f"{name}_rank{env.rank}.json").write_text(json.dumps(record, indent=1))
-    if env.is_distributed:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    exit_process(0)  # not interpreter shutdown, where a gloo thread can abort a finished rank
 
 
 if __name__ == "__main__":

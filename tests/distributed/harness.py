@@ -31,7 +31,7 @@ import torch.nn as nn
 from taming_dist.checkpoint.manager import CheckpointManager
 from taming_dist.checkpoint.state import TrainState, training_state
 from taming_dist.config import load_config
-from taming_dist.engines import build_engine, env_from_environ, init_distributed
+from taming_dist.engines import build_engine, env_from_environ, exit_process, init_distributed
 from taming_dist.train.loop import build_task, grad_accum_steps
 
 STEPS = 5
@@ -301,11 +301,7 @@ def main() -> None:
         results[spec]["seconds"] = round(time.perf_counter() - t0, 2)  # where a launch spends its time
     if env.rank == 0:
         (out / "results.json").write_text(json.dumps(results))
-    if env.is_distributed:
-        import torch.distributed as dist
-
-        dist.barrier()
-        dist.destroy_process_group()
+    exit_process(0)  # not interpreter shutdown, where a gloo thread can abort a finished rank
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from torch.distributed import distributed_c10d as c10d
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script under torchrun
 
-from taming_dist.engines import build_engine, env_from_environ, init_distributed
+from taming_dist.engines import build_engine, env_from_environ, exit_process, init_distributed
 from taming_dist.tasks.base import StepSync
 from taming_dist.train.loop import build_task, grad_accum_steps
 from tests.distributed.harness import GLOBAL_BATCH, global_batch, make_cfg
@@ -176,8 +176,7 @@ def main() -> None:
     results = {spec: count(spec, env, device) for spec in specs}
     if env.rank == 0:
         out.write_text(json.dumps(results, indent=1))
-    if dist.is_initialized():
-        dist.barrier()
+    exit_process(0)  # not interpreter shutdown, where a gloo thread can abort a finished rank
 
 
 if __name__ == "__main__":

@@ -162,3 +162,39 @@ def test_the_tests_free_port_is_below_the_ephemeral_range():
     assert len(ports) > 1 and all(10000 <= p < _ephemeral_low() for p in ports), ports
     with socket.socket() as s:
         s.bind(("127.0.0.1", ports.pop()))  # free indeed
+
+
+EXIT_PROBE = """
+import atexit, sys
+import torch
+from taming_dist.engines.dist import ensure_process_group, exit_process
+atexit.register(lambda: print("atexit ran"))
+if sys.argv[1] == "group":
+    ensure_process_group(torch.device("cpu"))
+print("unflushed output", end="")
+exit_process(3)
+"""
+
+
+@pytest.mark.parametrize("group", [True, False])
+def test_exit_process_skips_interpreter_shutdown_only_with_a_process_group(group):
+    """With a process group: the status, the output flushed, and no interpreter shutdown (the atexit
+    handler never runs; tests/distributed/test_process_exit.py shows why). Without one: sys.exit."""
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-c", EXIT_PROBE, "group" if group else "none"], capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 3, p.stderr[-2000:]
+    assert p.stdout.startswith("unflushed output")
+    assert ("atexit ran" in p.stdout) is not group, p.stdout
+
+
+def test_the_taming_dist_program_ends_through_exit_process():
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    scripts = tomllib.loads((root / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["taming-dist"] == "taming_dist.cli:program"
+    assert "program()" in (root / "taming_dist" / "__main__.py").read_text()

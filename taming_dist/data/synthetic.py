@@ -290,6 +290,22 @@ def pixel_colours(image: np.ndarray) -> tuple[int, int]:
     return best if share_a >= 0.5 else (best[1], best[0])
 
 
+# The classes whose shape never covers half the image (a disk, a square, a triangle, dots and a cross
+# inside the frame): the colour with more pixels is the background, so the pixels tell the two
+# colours' roles apart (on 1200 held-out images, 100 of each: every one). In the patterns (stripes,
+# checkerboard, gradient, rings, blobs, frame) both colours take about half, and the pixels show
+# the pair only.
+ROLES_SHOWN = frozenset(CLASS_NAMES.index(n) for n in ("circle", "square", "triangle", "dots", "cross"))
+
+
+def colours_match(image: np.ndarray, label: int, fg: int, bg: int) -> bool:
+    """Whether an image (H, W, 3) uint8 shows the colours `fg` on `bg` of a caption of class `label`:
+    in their roles where the class shows them (ROLES_SHOWN: a purple circle on cyan is not "a cyan
+    circle on a purple background"), as a pair otherwise."""
+    shown = pixel_colours(image)
+    return shown == (bg, fg) if label in ROLES_SHOWN else set(shown) == {fg, bg}
+
+
 def _shard_count(n: int) -> int:
     """32 shards for the default 4096 samples: divisible by every ranks x workers product up to 32
     (epoch mode needs that) and enough shards for resampled streams to mix."""

@@ -1,8 +1,9 @@
 """Samples of a text-conditioned model scored against their prompts (issue 23, part 6):
 
 - prompt accuracy on the built-in data: the shape by the offline classifier (eval/classifier.py),
-  the two colours by the pixels (`data.synthetic.pixel_colours`), for prompts of its caption form
-  ("a red circle on a blue background");
+  the two colours by the pixels, in their roles where the class shows them
+  (`data.synthetic.colours_match`), for prompts of its caption form ("a red circle on a blue
+  background");
 - the CLIP score (Hessel et al. 2021, as torchmetrics: 100 x max(cosine, 0) of the image and text
   embeddings) with a local CLIP folder (`CLIPModel` with its tokenizer; nothing downloaded).
 
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from taming_dist.data.synthetic import parse_caption, pixel_colours
+from taming_dist.data.synthetic import colours_match, parse_caption
 from taming_dist.data.images import to_uint8
 
 # CLIP's image normalisation (openai/CLIP, clip.py _transform)
@@ -41,7 +42,7 @@ def prompt_hits(images: np.ndarray, prompts: Sequence[str], device="cpu") -> dic
     for j, i in enumerate(keep):
         label, fg, bg = parsed[i]
         shape = int(pred[j]) == label
-        colours = set(pixel_colours(images[i])) == {fg, bg}
+        colours = colours_match(images[i], label, fg, bg)
         out["shape"] += shape
         out["colours"] += colours
         out["all"] += shape and colours

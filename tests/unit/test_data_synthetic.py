@@ -107,6 +107,14 @@ def test_captions_name_the_class_and_the_palette_colours_of_every_image(tmp_path
             assert parsed is not None and parsed[0] == label, text
             assert parsed[1] != parsed[2] and set(parsed[1:]) == set(pixel_colours(image)), text
     assert captions(12, 12, seed=0) != captions(12, 12, seed=1)
+    # the classes whose pixels show which colour is the shape's: the background has more pixels
+    from taming_dist.data.synthetic import ROLES_SHOWN, colours_match
+
+    x, y = generate(240, 32, 12, seed=1)
+    for image, label, text in zip(x, y, captions(240, 12, seed=1)):
+        _, fg, bg = parse_caption(text)
+        assert colours_match(image, int(label), fg, bg), text
+        assert colours_match(image, int(label), bg, fg) is (int(label) not in ROLES_SHOWN), text
     assert parse_caption("a red circle on a red-ish background") is None
     assert len(PALETTE) == 10
     folder = ensure_synthetic(DataConfig(size=16, synthetic_samples=24, synthetic_classes=12, split="heldout"),

@@ -273,7 +273,28 @@ def test_prompt_accuracy_scores_real_images_against_their_captions_and_not_again
     assert own["scored"] == 48 and own["colours"] == 48 and own["shape"] >= 0.8 * 48
     shuffled = prompt_hits(images, texts[1:] + texts[:1])
     assert shuffled["all"] <= 0.2 * 48
+    # the colours swapped in the prompt: wrong where the pixels show the roles (a cyan disk on purple
+    # is not "a purple circle on a cyan background"), still right for the patterns, where they do not
+    from taming_dist.data.synthetic import ROLES_SHOWN, caption, parse_caption
+
+    parsed = [parse_caption(t) for t in texts]
+    swapped = [caption(label, bg, fg) for label, fg, bg in parsed]
+    shown = sum(label in ROLES_SHOWN for label, _, _ in parsed)
+    assert 0 < shown < 48
+    assert prompt_hits(images, swapped)["colours"] == 48 - shown
     assert prompt_hits(images[:2], ["a photo of a cat", texts[1]])["unparsed"] == 1
+
+
+def test_the_tiny_t5_tells_a_colour_of_the_shape_from_the_same_colour_of_the_background(tmp_path):
+    """build_tiny_encoder's neighbour bias: without it (0) a word's feature is the same wherever it
+    stands (cosine 0.9998 here), so the roles of a caption's two colours cannot be read."""
+    texts = ["a cyan circle on a purple background", "a purple circle on a cyan background"]
+    cosines = {}
+    for bias in (0.0, 6.0):
+        enc = TextEncoder.load(build_tiny_encoder(str(tmp_path / f"b{bias}"), texts, width=128, neighbour_bias=bias))
+        features, _, _ = enc.encode(texts, 16)
+        cosines[bias] = float(torch.nn.functional.cosine_similarity(features[0, 1], features[1, 5], dim=0))
+    assert cosines[0.0] > 0.99 and cosines[6.0] < 0.8, cosines
 
 
 def test_eval_gen_samples_a_prompts_file_and_reports_prompt_accuracy_and_clip_score(tmp_path, encoders, capsys):

@@ -58,7 +58,7 @@ def test_demo_pipeline_sample_and_reconstruct(tmp_path):
     assert report["targets"]["psnr"] == 26.0 and report["timing"]["ranks"] == 2
     # the demo's own settings are on: guided sampling, k-means init of the codebook (its done flag),
     # the squared-error pixel loss (its logged mse is the training term) and the 2 x 256 transformer
-    assert samples["sampling"] == {"top_k": 16, "cfg_scale": 1.5} and "cfg_scale 1.5" in p.stdout
+    assert samples["sampling"] == {"top_k": 16, "temperature": 0.8, "cfg_scale": 2.0} and "cfg_scale 2.0" in p.stdout
     assert "kmeans_init=true" in p.stdout and "dead_code_threshold=0.3" in p.stdout
     import yaml
     vq_cfg = yaml.safe_load((out / "vqgan" / "config.yaml").read_text())
@@ -71,6 +71,11 @@ def test_demo_pipeline_sample_and_reconstruct(tmp_path):
     gpt = yaml.safe_load((out / "transformer" / "config.yaml").read_text())["transformer"]["gpt"]
     assert (gpt["n_layer"], gpt["n_embd"], gpt["context_dim"]) == (2, 256, 128)
     assert json.loads((out / "text-encoder" / "config.json").read_text())["d_model"] == 128
+    from safetensors.torch import load_file  # its heads read the next (bucket 17) and previous (1) word
+
+    bias = load_file(out / "text-encoder" / "model.safetensors")[
+        "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
+    assert bias[17, 0] > 5 and bias[1, 1] > 5
     with Image.open(out / "overview.png") as overview:
         height = overview.size[1]
     assert height >= 2 * 2 * 32 + 10 * 2 * 32  # originals, reconstructions, 10 rows of 3 prompts, 2x

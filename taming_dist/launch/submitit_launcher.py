@@ -102,7 +102,7 @@ class TrainJob:
         # A requeued run continues from its own latest checkpoint, not from the starting point given.
         resume = "auto" if int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0 else self.resume
         result = train(load_config(self.config, self.overrides), resume=resume)
-        from taming_dist.engines.dist import exit_process
+        from taming_dist.engines.dist import exit_process, leave_now  # now: importing at exit fails
 
         if "stopped_at" in result:
             # No result is written for this run, so the submitter keeps waiting for the requeued one
@@ -111,13 +111,15 @@ class TrainJob:
             exit_process(EXIT_STOPPED)
         # submitit writes this task's result after we return; then the process would end through
         # interpreter shutdown. Once that result says success, it leaves as exit_process does.
-        atexit.register(_leave_after_success, job_env.paths.result_pickle)
+        atexit.register(_leave_after_success, job_env.paths.result_pickle, leave_now)
         return result
 
 
-def _leave_after_success(result_pickle) -> None:
-    """atexit: status 0 without interpreter shutdown when submitit recorded a success for this task;
-    anything else (no result, an error submitit caught) ends the usual way, with its status."""
+def _leave_after_success(result_pickle, leave) -> None:
+    """atexit: `leave(0)` (engines.dist.leave_now: os._exit after flushing) when submitit recorded a
+    success for this task; anything else (no result, an error submitit caught) ends the usual way, with
+    its status. `leave` is resolved when the handler is registered: during shutdown an import that
+    was not done yet fails (torch's registers atexit handlers of its own)."""
     import pickle
 
     try:
@@ -126,9 +128,7 @@ def _leave_after_success(result_pickle) -> None:
     except Exception:
         return
     if outcome == "success":
-        from taming_dist.engines.dist import leave_now
-
-        leave_now(0)
+        leave(0)
 
 
 def submit(config: str, overrides: list[str] | tuple = (), *, nodes: int = 1, gpus_per_node: int = 0,

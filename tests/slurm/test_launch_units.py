@@ -301,3 +301,32 @@ def test_submit_script_writes_and_submits(tmp_path):
     assert "train vqgan-tiny \\\n    train.steps=3" in text and f"PYTHON={sys.executable}" in text
     p = subprocess.run(["bash", str(LAUNCH / "submit.sh")], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert p.returncode != 0 and "usage: launch/submit.sh CONFIG" in p.stderr
+
+
+LEAVE_PROBE = """
+import atexit, pickle, sys
+from taming_dist.engines.dist import leave_now
+from taming_dist.launch.submitit_launcher import _leave_after_success
+atexit.register(lambda: print("later shutdown ran"))  # runs after the handler registered below
+with open(sys.argv[1], "wb") as f:
+    pickle.dump((sys.argv[2], {"loss": 1.0}), f)
+atexit.register(_leave_after_success, sys.argv[1], leave_now)
+print("task done", end="")
+sys.exit(int(sys.argv[3]))
+"""
+
+
+@pytest.mark.parametrize("outcome,status,left", [("success", 0, True), ("error", 1, False)])
+def test_a_submitit_task_leaves_without_interpreter_shutdown_once_its_success_is_recorded(tmp_path, outcome,
+                                                                                           status, left):
+    """TrainJob's atexit handler (engines/dist.py: exit_process says why): status 0 through os._exit when
+    submitit's result pickle says success, so the rest of shutdown never runs; otherwise shutdown as usual."""
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-c", LEAVE_PROBE, str(tmp_path / "result.pkl"), outcome, str(status)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == status, p.stderr[-2000:]
+    assert p.stdout.startswith("task done")
+    assert ("later shutdown ran" in p.stdout) is not left, p.stdout
+    assert "Exception ignored" not in p.stderr, p.stderr  # the handler itself must not fail

@@ -45,7 +45,7 @@ TRANSFORMER_OVERRIDES = ["transformer.gpt.n_embd=256", "transformer.gpt.n_layer=
 # PSNR is still rising at 600 (at 2e-3, one run: 15.0 dB at 600 steps, 17.1 at 800).
 # transformer-text-tiny's 400 raised to 1600: on the demo's codes, 1200 -> 1600 steps took the samples
 # of their prompt's shape from 56.0% / 53.5% to 60.4% / 61.7% (top-k 16, scale 1.5, seeds 0 / 1) for
-# 66 s (198 -> 264 s on 2 CPU ranks); the demo then trained and extracted in 367 s of the 480.
+# 66 s (198 -> 264 s on 2 CPU ranks); a fresh-clone demo then trained and extracted in 361 s of the 480.
 VQGAN_STEPS = 800
 TRANSFORMER_STEPS = 1600
 # On a GPU machine the same wall time trains this many times longer (issue 25; a guess: no GPU was

@@ -102,7 +102,8 @@ class TrainJob:
         # A requeued run continues from its own latest checkpoint, not from the starting point given.
         resume = "auto" if int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0 else self.resume
         result = train(load_config(self.config, self.overrides), resume=resume)
-        from taming_dist.engines.dist import exit_process, leave_now  # now: importing at exit fails
+        # imported here, not in the atexit handler: an import during shutdown fails
+        from taming_dist.engines.dist import exit_process, leave_now
 
         if "stopped_at" in result:
             # No result is written for this run, so the submitter keeps waiting for the requeued one
@@ -119,7 +120,7 @@ def _leave_after_success(result_pickle, leave) -> None:
     """atexit: `leave(0)` (engines.dist.leave_now: os._exit after flushing) when submitit recorded a
     success for this task; anything else (no result, an error submitit caught) ends the usual way, with
     its status. `leave` is resolved when the handler is registered: during shutdown an import that
-    was not done yet fails (torch's registers atexit handlers of its own)."""
+    was not done yet fails (torch registers atexit handlers of its own)."""
     import pickle
 
     try:

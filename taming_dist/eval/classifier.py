@@ -22,11 +22,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from taming_dist.atomic import atomic_path
+from taming_dist.data import synthetic
 from taming_dist.data.synthetic import CLASS_NAMES, SPLIT_SEEDS, cache_root, generate
 from taming_dist.eval.metrics import FeatureStats, fid_from_stats
 
-VERSION = "v5"  # v4: trained on data v4; v5: and on imperfect copies (`augment`). Bump when the network, its
-# training or its data change (a new cache file)
+VERSION = "v5"  # v4: trained on data v4; v5: and on imperfect copies (`augment`). Bump when the network or
+# its training change (a new cache file); the data's version is in the file's name too (`classifier_path`)
 SIZE = 32  # the classifier's input side; samples of other sizes are resized to it
 SAMPLES = 4096  # images per split it is trained on / compared with
 TRAIN_STEPS = 800
@@ -146,7 +147,9 @@ def _fit(train_x: np.ndarray, train_y: np.ndarray, steps: int, seed: int, device
 
 
 def classifier_path(cache_dir: Optional[str] = None) -> str:
-    return os.path.join(cache_dir or cache_root(), f"classifier-{VERSION}-{SIZE}px.pt")
+    """The cache file of this classifier version trained on this version of the built-in data: a
+    change of either trains a new one rather than reading one of other images' classes."""
+    return os.path.join(cache_dir or cache_root(), f"classifier-{VERSION}-data{synthetic.VERSION}-{SIZE}px.pt")
 
 
 def load_classifier(cache_dir: Optional[str] = None, device="cpu") -> tuple[SmallClassifier, dict]:

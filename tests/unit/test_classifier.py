@@ -98,6 +98,16 @@ def test_the_classifier_is_trained_once_then_read_from_the_cache(cache, tmp_path
         assert torch.equal(v, b.state_dict()[k])
 
 
+def test_the_cache_file_names_the_data_version(tmp_path, monkeypatch):
+    """A new version of the built-in data trains a new classifier instead of reading the old one."""
+    from taming_dist.data import synthetic
+
+    before = classifier.classifier_path(str(tmp_path))
+    assert f"data{synthetic.VERSION}" in before and classifier.VERSION in before
+    monkeypatch.setattr(synthetic, "VERSION", "v999")
+    assert classifier.classifier_path(str(tmp_path)) != before
+
+
 def test_eval_gen_without_inception_weights_scores_with_the_classifier(cache, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TAMING_DIST_CACHE", cache)
     images, labels = generate(48, 32, 12, seed=OTHER_SEED)

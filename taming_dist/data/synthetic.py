@@ -26,8 +26,8 @@ from taming_dist.atomic import atomic_path
 from .images import save_grid
 from .shards import MANIFEST, SHARD_NAME, write_manifest, write_tar
 
-VERSION = "v4"  # v2: colours from the named palette, captions; v3: UNSEEN combinations left out of train;
-# v4: coarser patterns and softer edges (EDGE_PX)
+VERSION = "v5"  # v2: colours from the named palette, captions; v3: UNSEEN combinations left out of train;
+# v4: coarser patterns and softer edges (EDGE_PX); v5: the objects nearer the centre, sizes less spread (OBJECTS)
 SEED = 0
 SPLIT_SEEDS = {"train": SEED, "heldout": 1}
 
@@ -54,22 +54,29 @@ def _wave(phase: np.ndarray, sharpness: float = 1.6) -> np.ndarray:
     return np.clip(0.5 + sharpness * np.sin(phase), 0.0, 1.0)
 
 
+# The objects (circle, square, triangle, cross) from v5: centres within 0.05 of the middle (v4: up to
+# 0.15) and sizes from 80% of the largest up (v4: from about 60%), so a tiny transformer's 8 x 8 codes
+# learn the shape rather than where it sits (issue 25). The demo's samples of their prompt's shape, the
+# same training, sampling seeds 0 / 1 / 2: 84.4 / 82.9 / 84.0% against v4's 74.4 / 71.9 / 69.2%.
+OBJECTS = ("circle", "square", "triangle", "cross")
+
+
 def _circle(u, v, rng, s):
-    cx, cy = rng.uniform(0.35, 0.65, 2)
-    r = rng.uniform(0.2, 0.32)
+    cx, cy = rng.uniform(0.45, 0.55, 2)
+    r = rng.uniform(0.26, 0.32)
     return _coverage(np.hypot(u - cx, v - cy) - r, s)
 
 
 def _square(u, v, rng, s):
-    cx, cy = rng.uniform(0.35, 0.65, 2)
-    h = rng.uniform(0.17, 0.28)
+    cx, cy = rng.uniform(0.45, 0.55, 2)
+    h = rng.uniform(0.22, 0.28)
     return _coverage(np.maximum(abs(u - cx), abs(v - cy)) - h, s)
 
 
 def _triangle(u, v, rng, s):
     # Upward triangle: intersection of three half-planes (max of signed edge distances).
-    cx, cy = rng.uniform(0.4, 0.6, 2)
-    r = rng.uniform(0.28, 0.38)  # circumradius
+    cx, cy = rng.uniform(0.46, 0.54, 2)
+    r = rng.uniform(0.33, 0.38)  # circumradius
     angles = np.pi / 2 + np.array([0.0, 2 * np.pi / 3, 4 * np.pi / 3])
     xs, ys = cx + r * np.cos(angles), cy - r * np.sin(angles)  # image v grows downwards
     sd = np.full(u.shape, -np.inf)
@@ -125,8 +132,8 @@ def _dots(u, v, rng, s):
 
 
 def _cross(u, v, rng, s):
-    cx, cy = rng.uniform(0.42, 0.58, 2)
-    arm, half = rng.uniform(0.3, 0.4), rng.uniform(0.09, 0.12)
+    cx, cy = rng.uniform(0.46, 0.54, 2)
+    arm, half = rng.uniform(0.33, 0.4), rng.uniform(0.09, 0.12)
     du, dv = abs(u - cx), abs(v - cy)
     sd = np.minimum(np.maximum(du - arm, dv - half), np.maximum(du - half, dv - arm))
     return _coverage(sd, s)

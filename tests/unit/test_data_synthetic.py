@@ -40,7 +40,7 @@ def test_classes_are_distinguishable():
 def test_ensure_synthetic_writes_shards_once(tmp_path):
     cfg = DataConfig(size=32, synthetic_samples=240, synthetic_classes=12)
     folder = ensure_synthetic(cfg, cache_dir=str(tmp_path))
-    assert os.path.basename(folder) == "synthetic-32-240-12-v4"
+    assert os.path.basename(folder) == "synthetic-32-240-12-v5"
     m = read_manifest(folder)
     assert m["total"] == 240 and m["class_names"] == list(CLASS_NAMES) and m["class_counts"] == [20] * 12
     assert verify_shards(folder).ok
@@ -70,7 +70,7 @@ def test_concurrent_first_use(tmp_path):
         folders = pool.map(_call, [str(tmp_path)] * 3)
     assert len(set(folders)) == 1
     assert read_manifest(folders[0])["total"] == 600
-    assert sorted(os.listdir(tmp_path)) == ["synthetic-16-600-12-v4"]
+    assert sorted(os.listdir(tmp_path)) == ["synthetic-16-600-12-v5"]
 
 
 def test_losing_the_race_uses_the_winners_folder(tmp_path, monkeypatch):
@@ -89,7 +89,7 @@ def test_losing_the_race_uses_the_winners_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(syn, "_write", write_while_another_process_finishes_first)
     folder = syn.ensure_synthetic(cfg, cache_dir=str(tmp_path))
     assert os.path.exists(os.path.join(folder, "winner"))
-    assert os.listdir(tmp_path) == ["synthetic-16-24-4-v4"]
+    assert os.listdir(tmp_path) == ["synthetic-16-24-4-v5"]
 
 
 def test_captions_name_the_class_and_the_palette_colours_of_every_image(tmp_path):
@@ -136,3 +136,26 @@ def test_unseen_combinations_are_left_out_of_the_train_split_only():
     train, heldout = captions(4096, 12, seed=0), captions(4096, 12, seed=1)
     assert not unseen & set(train)
     assert len(unseen & set(heldout)) >= len(UNSEEN) // 2  # about 4 images of each in 4096
+
+
+def test_objects_sit_near_the_centre_at_most_of_their_largest_size():
+    """Data v5: a circle, square, triangle or cross is centred within 0.05 of the middle and drawn at
+    80% of its largest size or more; its foreground (pixels nearer the caption's shape colour than
+    the background's) has its centroid near the middle and covers a narrow band of the image."""
+    from taming_dist.data.synthetic import _RGB, OBJECTS, captions, parse_caption
+
+    images, labels = generate(960, 32, 12, seed=1)
+    texts = captions(960, 12, seed=1)
+    c = (np.arange(32) + 0.5) / 32
+    u, v = np.meshgrid(c, c)
+    for name in OBJECTS:
+        k = CLASS_NAMES.index(name)
+        areas = []
+        for i in np.flatnonzero(labels == k):
+            _, fg, bg = parse_caption(texts[i])
+            px = images[i].astype(np.float32) / 255
+            mask = np.linalg.norm(px - _RGB[fg], axis=-1) < np.linalg.norm(px - _RGB[bg], axis=-1)
+            assert abs(u[mask].mean() - 0.5) < 0.07 and abs(v[mask].mean() - 0.5) < 0.07, (name, i)
+            areas.append(mask.mean())
+        # (0.8)^2 of the largest area at least: v4 drew sizes from about 60% of the largest
+        assert min(areas) > 0.55 * max(areas), (name, min(areas), max(areas))

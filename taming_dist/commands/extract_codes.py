@@ -11,6 +11,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("source", help="image shard folder (with manifest.json), or `synthetic`")
     parser.add_argument("out", help="output folder for code shards and their manifest")
     parser.add_argument("--size", type=int, default=None, help="image side (default: the VQGAN's resolution)")
+    parser.add_argument("--synthetic-samples", type=int, default=None,
+                        help="with source `synthetic`: how many train-split images to draw and encode (default: "
+                             "data.synthetic_samples' 4096)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--flip", action="store_true", help="also store the codes of the flipped image")
     text = parser.add_argument_group("text features (text-to-image models, condition.kind=text)")
@@ -29,11 +32,15 @@ def run(args) -> int:
     from taming_dist.engines import env_from_environ, init_distributed
     from taming_dist.weights.folder import resolve_model_folder
 
+    if args.synthetic_samples is not None and args.source != "synthetic":
+        raise ValueError(f"--synthetic-samples is for the built-in data (source `synthetic`), not the shard folder "
+                         f"{args.source}: leave it out, or pass `synthetic` as the source")
     env = env_from_environ()
     device = init_distributed(env)
     model = build_model_from_folder(resolve_model_folder(args.model)).to(device)
     size = args.size or model.config.ddconfig.resolution
-    source = DataConfig(kind="synthetic", size=size) if args.source == "synthetic" else args.source
+    samples = {} if args.synthetic_samples is None else {"synthetic_samples": args.synthetic_samples}
+    source = DataConfig(kind="synthetic", size=size, **samples) if args.source == "synthetic" else args.source
 
     def barrier():
         if env.is_distributed:

@@ -41,7 +41,8 @@ def test_demo_pipeline_sample_and_reconstruct(tmp_path):
 
     out = tmp_path / "demo"
     p = cli("demo", "--out", str(out), "--vqgan-steps", "12", "--transformer-steps", "12", "--per-prompt", "2",
-            "logging.wandb_mode=offline", "train.image_every=6", "train.ckpt_every=6", "logging.progress=false")
+            "--codes-images", "480", "logging.wandb_mode=offline", "train.image_every=6", "train.ckpt_every=6",
+            "logging.progress=false")
     seen, unseen = demo_prompts()
     assert len(seen) == 24 and len(unseen) == 6 and not set(seen) & set(unseen)
     # the demo ends with its quality against the targets: table, report.json, overview.png, report.html
@@ -83,7 +84,10 @@ def test_demo_pipeline_sample_and_reconstruct(tmp_path):
     with Image.open(out / "samples.png") as grid:
         size = grid.size
     assert size[0] >= 2 * 32 and size[1] > 30 * 32  # 30 prompts x 2 samples of 32 px
-    assert (out / "text-encoder" / "tokenizer.json").exists() and (out / "codes" / "manifest.json").exists()
+    assert (out / "text-encoder" / "tokenizer.json").exists()
+    # the transformer trained on the codes of as many train-split images as asked (the VQGAN on 4096)
+    assert json.loads((out / "codes" / "manifest.json").read_text())["total"] == 480
+    assert "--synthetic-samples 480" in p.stdout
     for stage, image in (("vqgan", "recon_000012.png"), ("transformer", "samples_000012.png")):
         run_dir = out / stage
         assert (run_dir / "images" / image).exists()
@@ -108,7 +112,7 @@ def test_demo_pipeline_sample_and_reconstruct(tmp_path):
     first = report["timing"]["stage_s"]
     assert set(first) == {"setup", "vqgan", "codes", "transformer"} and first["vqgan"] > 5
     p = cli("demo", "--out", str(out), "--vqgan-steps", "12", "--transformer-steps", "12", "--per-prompt", "2",
-            "logging.wandb_mode=disabled")
+            "--codes-images", "480", "logging.wandb_mode=disabled")
     assert "$ torchrun" not in p.stdout and p.stdout.count("already trained to step 12") == 2, p.stdout
     assert "already extracted" in p.stdout
     again = json.loads((out / "report.json").read_text())["timing"]

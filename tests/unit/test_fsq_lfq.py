@@ -264,6 +264,12 @@ def test_pipeline_on_implicit_codebooks(tmp_path, kind):
     assert json.loads((tmp_path / "recon.json").read_text())
     small = ensure_synthetic(DataConfig(kind="synthetic", size=16, synthetic_samples=64))  # the run's own data
     assert main(["extract-codes", str(run / "model"), small, str(tmp_path / "codes"), "--size", "16"]) == 0
+    # the built-in data at another image count (the demo's transformer trains on 16384); a shard folder
+    # has its own count, so the option is refused there
+    assert main(["extract-codes", str(run / "model"), "synthetic", str(tmp_path / "codes24"), "--size", "16",
+                 "--synthetic-samples", "24"]) == 0
+    assert json.loads((tmp_path / "codes24" / "manifest.json").read_text())["total"] == 24
+    assert main(["extract-codes", str(run / "model"), small, str(tmp_path / "x"), "--synthetic-samples", "24"]) == 2
     fs = [o.replace("vqgan.", "transformer.first_stage.", 1) for o in TINY + KINDS[kind] if o.startswith("vqgan.")]
     assert main(["train", "transformer-tiny", f"out_dir={tmp_path}", "name=tr", "train.steps=2", "data.kind=codes",
                  f"data.path={tmp_path / 'codes'}", "data.size=16", "logging.wandb_mode=disabled",

@@ -13,6 +13,7 @@ import torch
 from taming_dist.cli import main
 from taming_dist.config import DataConfig
 from taming_dist.data.shards import read_manifest
+from taming_dist.data.images import to_uint8
 from taming_dist.data.synthetic import ensure_synthetic, generate
 from taming_dist.eval import classifier
 
@@ -74,7 +75,7 @@ def test_imperfect_copies_are_still_their_class(cache):
     torch.manual_seed(1)
     with torch.no_grad():
         bent = classifier.augment(classifier.to_input(images), 1.0)
-    bent = ((bent + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+    bent = to_uint8(bent)
     assert classifier.score_images(model, entry, bent, labels)["class_accuracy"] > 0.6
     assert classifier.score_images(model, entry, bent, (labels + 1) % 12)["class_accuracy"] < 0.2
 
